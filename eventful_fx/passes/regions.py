@@ -1,0 +1,78 @@
+"""Gated regions and attention sites of an analysed graph.
+
+A gated region is a maximal set of token-wise nodes fed by one full token-carrying value,
+its root: a gate on the root picks tokens, the region runs on those tokens only, and
+buffers restore full values where the region's results leave it. Nodes that join values
+of different regions (residual adds) stay dense: they are cheap and keep each region's
+gate reading one stream of values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from . import ops
+from .ops import tensor_shape
+from .tokens import NodeInfo
+
+
+@dataclass
+class Region:
+    root: fx.Node
+    nodes: list[fx.Node] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"gate_{self.root.name}"
+
+
+@dataclass
+class AttentionSite:
+    node: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    mask: fx.Node | None
+    heads: int
+    reason: str | None  # why it can only run densely
+
+    @property
+    def name(self) -> str:
+        return f"attn_{self.node.name}"
+
+
+def find_regions(gm: fx.GraphModule, infos: dict[fx.Node, NodeInfo]) -> tuple[list[Region], list[AttentionSite]]:
+    regions: dict[fx.Node, Region] = {}
+    member_of: dict[fx.Node, Region] = {}
+    sites = []
+    for node in gm.graph.nodes:
+        info = infos[node]
+        if info.kind == ops.ATTENTION and info.layout is not None:
+            q, k, v = node.args[:3]
+            mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+            sites.append(AttentionSite(node, q, k, v, mask if isinstance(mask, fx.Node) else None,
+                                       heads=_heads(q), reason=info.reason))
+        if not info.tokenwise:
+            continue
+        token_inputs = [a for a in node.all_input_nodes if infos[a].carries_tokens]
+        roots = {member_of[a].root if a in member_of else a for a in token_inputs}
+        if len(roots) != 1:
+            continue
+        root = roots.pop()
+        root_layout = infos[root].layout
+        if root_layout is None or not root_layout.clean:
+            continue
+        region = member_of.get(root) or regions.setdefault(root, Region(root))
+        region.nodes.append(node)
+        member_of[node] = region
+    return list(regions.values()), sites
+
+
+def region_macs(region: Region, infos: dict[fx.Node, NodeInfo]) -> int:
+    return sum(infos[n].macs for n in region.nodes)
+
+
+def _heads(q: fx.Node) -> int:
+    shape = tensor_shape(q)
+    return shape[-3] if shape is not None and len(shape) >= 3 else 1

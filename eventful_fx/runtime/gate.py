@@ -1,0 +1,175 @@
+"""Token gate: picks the tokens of each stream that changed enough to be recomputed.
+
+Owns the reference copy of its input and the per-stream flush bookkeeping, plus the
+token-indexing helpers (`gather_tokens`, `gather_rows`) that gated regions use to index
+per-token constants and attention masks with the gate's indices.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .policy import Policy
+from .state import StatefulOp, tensor_bytes
+
+
+def flat_token_index(idx: Tensor, num_tokens: int) -> Tensor:
+    """[B, k] token indices -> [B*k] row indices into a [B*N, ...] flattened tensor."""
+    offsets = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * num_tokens
+    return (idx + offsets).reshape(-1)
+
+
+def gather_tokens(x: Tensor, idx: Tensor, dim: int = 1) -> Tensor:
+    """Index the token axis `dim` of x [1 or B, ...] with idx [B, k] (batch 1 broadcasts to B)."""
+    dim = dim % x.ndim
+    if dim == 0:
+        raise ValueError("gather_tokens: dim 0 is the batch axis, not a token axis")
+    batch, k = idx.shape
+    if x.shape[0] == 1:
+        # one shared table: a single index_select, then split the flat index into (B, k)
+        return x[0].index_select(dim - 1, idx.reshape(-1)).unflatten(dim - 1, (batch, k)).movedim(dim - 1, 0)
+    if x.shape[0] != batch:
+        raise ValueError(f"gather_tokens: batch {x.shape[0]} of x does not broadcast to {batch}")
+    if dim == 1:
+        return x.flatten(0, 1).index_select(0, flat_token_index(idx, x.shape[1])).unflatten(0, (batch, k))
+    streams = torch.arange(batch, device=idx.device).unsqueeze(1)
+    # advanced indices on dims 0 and `dim` put the (B, k) axes first
+    return x[(streams,) + (slice(None),) * (dim - 1) + (idx,)].movedim(1, dim)
+
+
+def gather_rows(mask: Tensor, idx: Tensor) -> Tensor:
+    """Query rows idx [B, k] of an attention bias/mask [(1|B), (1|H), N, M] -> [B, (1|H), k, M].
+
+    A mask with fewer dims is read as broadcast on the leading ones; a row axis of size 1
+    already broadcasts over queries and is returned unchanged.
+    """
+    while mask.ndim < 4:
+        mask = mask.unsqueeze(0)
+    if mask.shape[-2] == 1:
+        return mask
+    return gather_tokens(mask, idx, dim=2)
+
+
+def _rank(score: Tensor) -> Tensor:
+    # a stable sort breaks ties (e.g. unchanged tokens, all at 0) towards the lower token
+    # index, so a stream's choice never depends on the batch it runs in; topk does not promise that
+    return torch.sort(score, dim=1, descending=True, stable=True).indices
+
+
+class TokenGate(StatefulOp):
+    """Selects, per stream, the tokens whose distance to the reference is largest.
+
+    forward(x [B, N, *C]) -> (idx [B, k] int64, selected [B, k, *C]). The reference is
+    updated only at the selected tokens, so small changes accumulate until selected.
+    All streams share one k per call (the largest count); a stream with fewer selected
+    tokens repeats its first selected token (or, when it selects none, token 0 with its
+    reference data), so recomputing padded slots rewrites values already held downstream.
+    Threshold policies sync the host once per call to learn that k.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        super().__init__()
+        self.policy = policy
+        self.last_counts: Tensor | int = 0
+        self._ref: Tensor | None = None
+        self._pending_flush: set[int] = set()
+
+    def reset(self, streams: Sequence[int] | None = None) -> None:
+        if streams is None:
+            self._ref = None
+            self._pending_flush.clear()
+        else:
+            self._pending_flush.update(int(s) for s in streams)
+
+    def state_bytes(self) -> int:
+        return tensor_bytes(self._ref)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        batch, num_tokens = x.shape[:2]
+        channels = math.prod(x.shape[2:])
+        ref = self._ref
+        if ref is None or ref.shape != x.shape or ref.dtype != x.dtype or ref.device != x.device:
+            return self._flush_all(x)
+        flushed, flush = self._take_flush(batch, x.device)
+
+        score = torch.linalg.vector_norm(
+            (x - ref).reshape(batch, num_tokens, -1), dim=-1,
+            dtype=torch.promote_types(x.dtype, torch.float32))
+        count = self.policy.count(num_tokens)
+        if count is None:
+            chosen = score > self.policy.threshold
+            if flush is not None:
+                chosen |= flush.unsqueeze(1)
+            counts = chosen.sum(1)
+            most, least = torch.stack([counts.max(), counts.min()]).tolist()  # the one host sync
+            if most == 0:
+                return self._select_nothing(x)
+            k_call, ragged, any_empty = most, most != least, least == 0
+            # a stable sort puts the chosen tokens first; a stream that chose none gets token 0 first
+            ranking = torch.sort(chosen.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :k_call]
+        elif flush is None:
+            if count == 0:
+                return self._select_nothing(x)
+            k_call, ragged, any_empty = count, False, False
+            ranking = _rank(score)[:, :count]
+        else:
+            # flushed streams take all N tokens; the others keep their count and pad
+            k_call = num_tokens
+            ragged = count != num_tokens and len(flushed) < batch
+            any_empty = ragged and count == 0
+            counts = torch.where(flush, num_tokens, count)
+            ranking = _rank(score)
+        self.last_counts = counts if ragged else k_call
+
+        idx = ranking
+        if ragged:
+            first = ranking[:, :1]
+            if any_empty:
+                first = first.masked_fill(counts.unsqueeze(1) == 0, 0)
+            slot = torch.arange(k_call, device=x.device)
+            idx = torch.where(slot < counts.unsqueeze(1), ranking, first)
+
+        flat_idx = flat_token_index(idx, num_tokens)
+        ref_flat = ref.view(batch * num_tokens, *ref.shape[2:])
+        selected = x.reshape(batch * num_tokens, *x.shape[2:]).index_select(0, flat_idx)
+        if any_empty:
+            # an empty stream recomputes token 0 from what it was last computed from
+            empty = (counts == 0).repeat_interleave(k_call).view(-1, *[1] * (x.ndim - 2))
+            selected = torch.where(empty, ref_flat.index_select(0, flat_idx), selected)
+        ref_flat.index_copy_(0, flat_idx, selected)
+
+        self.overhead_macs = batch * num_tokens * channels + 2 * batch * k_call * channels
+        return idx, selected.view(batch, k_call, *x.shape[2:])
+
+    def _flush_all(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        batch, num_tokens = x.shape[:2]
+        # a contiguous copy: the in-place writes on its flat view must land in the reference
+        self._ref = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x.detach())
+        self._pending_flush.clear()
+        self.last_counts = num_tokens
+        self.overhead_macs = x.numel()
+        idx = torch.arange(num_tokens, device=x.device).expand(batch, num_tokens)
+        return idx, x
+
+    def _take_flush(self, batch: int, device: torch.device) -> tuple[list[int], Tensor | None]:
+        pending = self._pending_flush
+        self._pending_flush = set()
+        if not pending:
+            return [], None
+        if not all(-batch <= s < batch for s in pending):
+            raise IndexError(f"TokenGate.reset: stream indices {sorted(pending)} out of range for batch size {batch}")
+        flushed = sorted({s % batch for s in pending})
+        flush = torch.zeros(batch, dtype=torch.bool, device=device)
+        for stream in flushed:  # scalar fills: unlike a copy from host memory, they never wait for the device
+            flush[stream] = True
+        return flushed, flush
+
+    def _select_nothing(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        batch, num_tokens = x.shape[:2]
+        self.last_counts = 0
+        self.overhead_macs = x.numel()
+        idx = torch.empty(batch, 0, dtype=torch.long, device=x.device)
+        return idx, x.new_empty(batch, 0, *x.shape[2:])

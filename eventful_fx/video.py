@@ -1,0 +1,173 @@
+"""Video input: frames from files (decoded with PyAV) and the built-in test clip.
+
+This module owns everything between a video file and a model-ready tensor:
+
+* decoding with PyAV (any container/codec FFmpeg reads), frame by frame;
+* preprocessing: resize the short side to ``size`` (bilinear, antialiased), centre-crop
+  to ``size x size``, scale to [0, 1], normalise with a mean/std (ImageNet by default);
+* the built-in clip ``eventful_fx/data/clip.mp4`` (made by ``examples/make_clip.py``:
+  256x256, 24 frames at 12 fps, a textured background under a slow pan plus a moving
+  disc), so examples, tests and benchmarks run with no downloads.
+
+Public names: :func:`read_frames` (``[T, 3, size, size]``), :func:`iter_frames` (one
+``[3, size, size]`` frame at a time, for long files), :func:`builtin_clip_path`,
+:func:`builtin_clip`, :data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`. Output is float32 on
+the CPU; moving it to a device is the caller's business. Nothing here knows about models.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "builtin_clip",
+    "builtin_clip_path",
+    "iter_frames",
+    "read_frames",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+_BUILTIN_CLIP = "clip.mp4"
+
+
+def builtin_clip_path() -> Path:
+    """Path of the clip shipped with the package (``eventful_fx/data/clip.mp4``)."""
+    path = Path(__file__).resolve().parent / "data" / _BUILTIN_CLIP
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"built-in clip not found at {path}; regenerate it with "
+            "`python examples/make_clip.py` or reinstall eventful_fx"
+        )
+    return path
+
+
+def _check_args(size: int, max_frames: int | None, start: int) -> None:
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"size must be an int, got {type(size).__name__}")
+    if size <= 0:
+        raise ValueError(f"size must be a positive number of pixels, got {size}")
+    if max_frames is not None and (isinstance(max_frames, bool) or max_frames < 0):
+        raise ValueError(f"max_frames must be None or >= 0, got {max_frames}")
+    if isinstance(start, bool) or start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+
+
+def _stats(values: Sequence[float], name: str) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.float32).flatten()
+    if t.numel() not in (1, 3):
+        raise ValueError(f"{name} must have 1 or 3 values, got {t.numel()}")
+    if name == "std" and bool((t == 0).any()):
+        raise ValueError("std must not contain zeros")
+    return t.expand(3).reshape(3, 1, 1).clone()
+
+
+def _preprocess(
+    rgb: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` -> normalised float32 ``[3, size, size]``."""
+    x = rgb.permute(2, 0, 1).unsqueeze(0).to(torch.float32).div_(255.0)
+    h, w = x.shape[-2:]
+    short = min(h, w)
+    if short != size:
+        scale = size / short
+        # the short side becomes exactly `size`; the long side is rounded, never below it
+        nh = size if h == short else max(size, round(h * scale))
+        nw = size if w == short else max(size, round(w * scale))
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False,
+                          antialias=True)
+        h, w = nh, nw
+    top, left = (h - size) // 2, (w - size) // 2
+    x = x[0, :, top:top + size, left:left + size]
+    return ((x - mean) / std).contiguous()
+
+
+def iter_frames(
+    path: str | os.PathLike,
+    size: int = 224,
+    max_frames: int | None = None,
+    start: int = 0,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Iterator[torch.Tensor]:
+    """Yield preprocessed frames of the first video stream of ``path`` one at a time.
+
+    Each frame is float32 ``[3, size, size]``: short side resized to ``size`` (bilinear,
+    antialiased), centre-cropped, scaled to [0, 1] and normalised by ``mean``/``std``.
+    Frames ``start, start + 1, ...`` are yielded (decode order = presentation order for
+    ordinary files), at most ``max_frames`` of them. Only one decoded frame is held at a
+    time, so this suits long files.
+
+    Raises FileNotFoundError if ``path`` does not exist, ValueError if it cannot be
+    opened as media, has no video stream, or an argument is out of range.
+    """
+    import av  # local import: PyAV is only needed when video is actually read
+
+    _check_args(size, max_frames, start)
+    mean_t, std_t = _stats(mean, "mean"), _stats(std, "std")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"video file not found: {path}")
+    if path.is_dir():
+        raise IsADirectoryError(f"expected a video file, got a directory: {path}")
+    if max_frames == 0:
+        return
+    try:
+        container = av.open(str(path), mode="r")
+    except av.FFmpegError as e:
+        raise ValueError(f"cannot open {path} as a media file: {e}") from e
+    with container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise ValueError(
+                f"{path} has no video stream (streams found: {', '.join(kinds)})"
+            )
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        produced = 0
+        try:
+            for index, frame in enumerate(container.decode(stream)):
+                if index < start:
+                    continue
+                rgb = torch.from_numpy(frame.to_ndarray(format="rgb24"))
+                yield _preprocess(rgb, size, mean_t, std_t)
+                produced += 1
+                if max_frames is not None and produced >= max_frames:
+                    break
+        except av.FFmpegError as e:
+            raise ValueError(f"error decoding video in {path}: {e}") from e
+
+
+def read_frames(
+    path: str | os.PathLike,
+    size: int = 224,
+    max_frames: int | None = None,
+    start: int = 0,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """Decode ``path`` into a float32 tensor ``[T, 3, size, size]``.
+
+    Same preprocessing, arguments and errors as :func:`iter_frames`. ``T`` is the number
+    of frames from ``start`` on, capped at ``max_frames``; it may be 0 (e.g. ``start``
+    past the end), giving an empty ``[0, 3, size, size]`` tensor.
+    """
+    frames = list(iter_frames(path, size, max_frames, start, mean=mean, std=std))
+    if not frames:
+        return torch.empty(0, 3, size, size, dtype=torch.float32)
+    return torch.stack(frames)
+
+
+def builtin_clip(size: int = 224, max_frames: int | None = None) -> torch.Tensor:
+    """The built-in clip as ``[T, 3, size, size]`` (T = 24 unless ``max_frames``)."""
+    return read_frames(builtin_clip_path(), size=size, max_frames=max_frames)
