@@ -32,6 +32,11 @@ class TokenLayout:
     clean: bool                # token axes are consecutive and hold nothing but tokens
     order: torch.Tensor = field(compare=False, repr=False)  # token ids along the run of token axes
 
+    @property
+    def extra(self) -> tuple[int, ...]:
+        """Positions along the run of the tokens that came from no patch (class / register tokens)."""
+        return tuple(int(p) for p in torch.nonzero(self.order >= _EXTRA).flatten())
+
 
 @dataclass
 class NodeInfo:
@@ -51,6 +56,8 @@ class NodeInfo:
         return self.layout is not None or self.opaque or bool(self.outputs and any(self.outputs))
 
 
+# Token ids of class / register tokens (concatenated, not from a patch) start here.
+_EXTRA = 1e9
 # Other-ids carry the stream (batch index) in their high part: other = stream * _STREAM + rest.
 _STREAM = float(2**26)
 
@@ -248,7 +255,8 @@ class TokenAnalysis:
         grows = layout.num_tokens > max((x.num_tokens for x in in_layouts if x), default=0)
         if layout.clean:
             streams = torch.floor(oth / _STREAM)
-            layout = self._set(node, _ids(tuple(tok.shape), layout.dims, True),
+            fresh = _ids(tuple(tok.shape), layout.dims, True)
+            layout = self._set(node, torch.where((tok == -1) | (tok >= _EXTRA), fresh + _EXTRA, fresh),
                                _other_ids(tuple(tok.shape), layout.dims, streams))
         kind, reason = ("token_cat", "concatenates tokens (class / register tokens) or pads the token grid") if grows \
             else ("token_select", "selects a subset of tokens")

@@ -70,9 +70,13 @@ class TokenGate(StatefulOp):
     Threshold policies sync the host once per call to learn that k.
     """
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, always: Sequence[int] = ()) -> None:
         super().__init__()
         self.policy = policy
+        # tokens updated on every frame whatever their score: class and register tokens summarise
+        # the whole image, so their small per-frame changes matter more than their size says
+        self.always = tuple(always)
+        self._always_idx: Tensor | None = None
         self.last_counts: Tensor | int = 0
         self._ref: Tensor | None = None
         self._pending_flush: set[int] = set()
@@ -98,6 +102,10 @@ class TokenGate(StatefulOp):
         score = torch.linalg.vector_norm(
             (x - ref).reshape(batch, num_tokens, -1), dim=-1,
             dtype=torch.promote_types(x.dtype, torch.float32))
+        if self.always:
+            if self._always_idx is None or self._always_idx.device != x.device:
+                self._always_idx = torch.tensor(self.always, device=x.device)
+            score.index_fill_(1, self._always_idx, math.inf)
         count = self.policy.count(num_tokens)
         if count is None:
             chosen = score > self.policy.threshold

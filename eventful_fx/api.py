@@ -1,0 +1,190 @@
+"""EventfulModule: the stateful model `eventful_fx.compile` returns.
+
+Owns the lazy capture (on the first frame, or at once with `example_input=`), the plan for
+the current budget, the per-frame statistics and the reset of every stateful op. A frame
+with a different shape, dtype, device or batch size (number of streams) re-captures, with a
+warning, and starts with a flush; a frame holding NaN or inf raises before touching state.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+
+from .cost_model.solver import solve_uniform
+from .passes.capture import capture
+from .passes.regions import find_regions
+from .passes.rewrite import ATTENTION_MODES, EventfulRewrite, Plan, RegionGate
+from .passes.tokens import TokenAnalysis
+from .runtime import StatefulOp, Threshold, TopK
+
+
+@dataclass
+class FrameStats:
+    """Work done on the last frame (multiply-accumulates; gate and buffer overhead included in `macs`)."""
+
+    macs: int = 0
+    dense_macs: int = 0
+    overhead_macs: int = 0
+    tokens: dict[str, int] = field(default_factory=dict)  # tokens updated per gate (padded count under threshold)
+    flush: bool = False
+
+    @property
+    def fraction(self) -> float:
+        return self.macs / self.dense_macs if self.dense_macs else 1.0
+
+
+class EventfulModule(torch.nn.Module):
+    """A model that recomputes, frame after frame, only the tokens that changed."""
+
+    def __init__(self, model: torch.nn.Module, budget: float = 0.25, *, policy: str = "topk",
+                 threshold: float = 0.1, attention: str = "query", refresh: int | None = None,
+                 check_finite: bool = True, example_input=None):
+        super().__init__()
+        _check_budget(budget)
+        if policy not in ("topk", "threshold"):
+            raise ValueError(f"policy must be 'topk' or 'threshold', got {policy!r}")
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        if refresh is not None and refresh < 1:
+            raise ValueError(f"refresh must be a positive number of frames or None, got {refresh!r}")
+        self.model = model.eval()
+        self._budget = budget
+        self.policy, self.threshold, self.attention, self.refresh = policy, threshold, attention, refresh
+        self.check_finite = check_finite
+        self.graph_module: fx.GraphModule | None = None
+        self._signature = None
+        self._frames_since_flush = 0
+        self.stats = FrameStats()
+        if example_input is not None:
+            self._build(_as_tuple(example_input))
+
+    # -- public ---------------------------------------------------------------------------
+    @property
+    def budget(self) -> float:
+        return self._budget
+
+    @budget.setter
+    def budget(self, value: float) -> None:
+        _check_budget(value)
+        self._budget = value
+        if self.graph_module is not None:
+            self._apply_plan()
+
+    @property
+    def plan(self) -> Plan | None:
+        return self._plan if self.graph_module is not None else None
+
+    def reset(self, streams: Sequence[int] | None = None) -> None:
+        """Start a new video: the next frame is a dense flush (for all streams, or only `streams`)."""
+        for module in self._stateful():
+            module.reset(streams)
+        if streams is None:
+            self._frames_since_flush = 0
+
+    def state_bytes(self) -> int:
+        return sum(m.state_bytes() for m in self._stateful())
+
+    def forward(self, *inputs):
+        signature = tuple(_signature(x) for x in inputs)
+        if self.check_finite:
+            for x in inputs:
+                if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                    raise ValueError("input frame holds NaN or inf values; the eventful state was left untouched")
+        if self.graph_module is None:
+            self._build(inputs)
+        elif signature != self._signature:
+            warnings.warn(f"eventful_fx: input changed from {self._signature} to {signature}; re-capturing "
+                          "the model and starting with a dense flush", stacklevel=2)
+            self._build(inputs)
+        if self.refresh is not None and self._frames_since_flush >= self.refresh:
+            self.reset()
+        flush = self._frames_since_flush == 0
+        with torch.no_grad():
+            out = self.graph_module(*inputs)
+        self._frames_since_flush += 1
+        self._update_stats(flush)
+        return out
+
+    # -- internals ------------------------------------------------------------------------
+    def _build(self, inputs: tuple) -> None:
+        gm = capture(self.model, inputs)
+        infos = TokenAnalysis(gm).run()
+        regions, sites = find_regions(gm, infos)
+        batch = _batch_size(infos, inputs)
+        gated = [r for r in regions if any(infos[n].macs for n in r.nodes) or _feeds_attention(r, sites)]
+        plan = Plan(gates={r.name: TopK(1) for r in gated}, attention={s.name: self.attention for s in sites})
+        self.graph_module = EventfulRewrite(infos, regions, sites, plan, batch).call(gm)
+        self._plan = plan
+        self._dense_macs = sum(i.macs for i in infos.values())
+        self._signature = tuple(_signature(x) for x in inputs)
+        self._frames_since_flush = 0
+        self._apply_plan()
+
+    def _gates(self) -> dict[str, RegionGate]:
+        return {name: m for name, m in self.graph_module.named_children() if isinstance(m, RegionGate)}
+
+    def _stateful(self):
+        return [] if self.graph_module is None else [m for m in self.graph_module.modules() if isinstance(m, StatefulOp)]
+
+    def _apply_plan(self) -> None:
+        gates = self._gates()
+        gm = self.graph_module
+        if self.policy == "threshold":
+            policies = {name: Threshold(self.threshold) for name in gates}
+        else:
+            ks = solve_uniform(self._budget, self._dense_macs, gm.dense_macs_static, gm.cost_terms,
+                               {name: g.num_tokens for name, g in gates.items()})
+            policies = {name: TopK(k) for name, k in ks.items()}
+        for name, gate in gates.items():
+            gate.policy = policies[name]
+        self._plan = Plan(gates=policies, attention=self._plan.attention)
+
+    def _update_stats(self, flush: bool) -> None:
+        gm = self.graph_module
+        gates = self._gates()
+        macs = gm.dense_macs_static
+        for name, region_macs in gm.region_macs.items():
+            macs += region_macs * gates[name].last_k / gates[name].num_tokens
+        overhead = 0
+        for module in self._stateful():
+            macs += module.matmul_macs
+            overhead += module.overhead_macs
+        self.stats = FrameStats(macs=int(round(macs)) + overhead, dense_macs=self._dense_macs, overhead_macs=overhead,
+                                tokens={name: g.last_k for name, g in gates.items()}, flush=flush)
+
+
+def _feeds_attention(region, sites) -> bool:
+    members = set(region.nodes)
+    return any(s.q in members for s in sites)
+
+
+def _batch_size(infos, inputs) -> int:
+    for node, info in infos.items():
+        if info.kind == "patch_embed":
+            return node.meta["val"].shape[0]
+    return inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim > 0 else 1
+
+
+def _check_budget(budget) -> None:
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not (0 < budget <= 1) or math.isnan(budget):
+        raise ValueError(f"budget must be a fraction of the dense model's MACs in (0, 1], got {budget!r}")
+
+
+def _as_tuple(x) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _signature(x):
+    if isinstance(x, torch.Tensor):
+        return (tuple(x.shape), x.dtype, x.device)
+    return type(x)
+
+
+def compile(model: torch.nn.Module, budget: float = 0.25, **options) -> EventfulModule:  # noqa: A001
+    """Wrap `model` into an EventfulModule (lazy: captures on the first call)."""
+    return EventfulModule(model, budget, **options)

@@ -1,0 +1,311 @@
+"""Rewrite: an analysed graph and a plan -> a graph of gated regions, buffers and attention modes.
+
+Each value of a gated region is carried *sparse*: the region's layout with its run of token
+axes collapsed into one axis of k selected tokens (position j of stream b is token idx[b, j]).
+Token-wise ops run on that form unchanged; layout ops get their shape and dim arguments
+re-expressed for the collapsed run; per-token constants are gathered with the gate's idx.
+Wherever a region's value is read by a dense node, a buffer scatters it back to full.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..runtime import QueryGatedAttention, IncrementalAttention, TokenBuffer, TokenGate, gather_tokens
+from ..runtime.policy import Policy
+from . import ops
+from .ops import op_kind, op_name, tensor_shape
+from .regions import AttentionSite, Region
+from .tokens import NodeInfo, TokenLayout
+
+ATTENTION_MODES = ("dense", "query", "incremental")
+
+
+@dataclass
+class Plan:
+    """What the rewrite builds: a policy per gated region (absent: dense), a mode per attention site."""
+
+    gates: dict[str, Policy]
+    attention: dict[str, str]
+
+
+class RegionGate(TokenGate):
+    """A token gate reading a region's root in its own layout (token run `t0:t1` of `shape`)."""
+
+    def __init__(self, policy: Policy, shape: tuple[int, ...], t0: int, t1: int, batch: int, always=()):
+        super().__init__(policy, always)
+        self.shape, self.t0, self.t1, self.batch = shape, t0, t1, batch
+        self.num_tokens = math.prod(shape[t0:t1])
+        self.last_k = self.num_tokens
+
+    def forward(self, x: torch.Tensor):
+        per_stream = math.prod(self.shape[: self.t0]) // self.batch  # prefix rows of one stream (1 unless heads)
+        rows = x.reshape(self.batch, per_stream, self.num_tokens, -1)
+        rows = rows[:, 0] if per_stream == 1 else rows.movedim(2, 1).reshape(self.batch, self.num_tokens, -1)
+        idx, selected = super().forward(rows)
+        k = idx.shape[1]
+        self.last_k = k
+        selected = selected.reshape(self.batch, k, per_stream, -1).movedim(1, 2) if per_stream > 1 else selected
+        return idx, selected.reshape(*self.shape[: self.t0], k, *self.shape[self.t1:])
+
+
+class RegionBuffer(TokenBuffer):
+    """A token buffer holding a region value in its own layout: writes the k fresh tokens, returns the full value."""
+
+    def __init__(self, shape: tuple[int, ...], t0: int, t1: int):
+        super().__init__(math.prod(shape[t0:t1]))
+        self.shape, self.t0 = shape, t0
+        self.rows = math.prod(shape[:t0])
+
+    def forward(self, fresh: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        fresh = fresh.reshape(self.rows, fresh.shape[self.t0], -1)
+        if self.rows != idx.shape[0]:  # heads or other per-stream rows share their stream's tokens
+            idx = idx.repeat_interleave(self.rows // idx.shape[0], 0)
+        return super().forward(fresh, idx).view(self.shape)
+
+
+def _collapse_dim(d: int, layout: TokenLayout, ndim: int) -> int:
+    """Index of input axis d once the token run is collapsed to one axis."""
+    d %= ndim
+    t0, t1 = layout.dims[0], layout.dims[-1]
+    return d if d <= t0 else (t0 if d <= t1 else d - (t1 - t0))
+
+
+def _collapsed_shape(shape: tuple[int, ...], layout: TokenLayout) -> list[int]:
+    t0, t1 = layout.dims[0], layout.dims[-1] + 1
+    return [*shape[:t0], -1, *shape[t1:]]
+
+
+def _permutation(node: fx.Node, in_shape: tuple[int, ...]) -> list[int]:
+    """The axis permutation a permute-like node applies, found by running it on distinct sizes."""
+    probe = torch.empty(*range(2, 2 + len(in_shape)), device="meta")
+    args = [probe if a is node.args[0] else a for a in node.args]
+    out = getattr(probe, node.target)(*args[1:], **node.kwargs) if node.op == "call_method" else node.target(*args, **node.kwargs)
+    return [s - 2 for s in out.shape]
+
+
+_DIM_POSITION = {"unbind": 1, "select": 1, "slice": 1, "narrow": 1, "split": 2, "split_with_sizes": 2, "chunk": 2,
+                 "tensor_split": 2, "cat": 1, "softmax": 1, "_softmax": 1, "log_softmax": 1, "_log_softmax": 1,
+                 "mean": 1, "sum": 1, "amax": 1, "amin": 1, "var": 1, "std": 1, "norm": 2, "linalg_vector_norm": 2}
+
+
+class EventfulRewrite:
+    """The pass: `call(gm)` returns the eventful GraphModule; its modules hold all state."""
+
+    def __init__(self, infos: dict[fx.Node, NodeInfo], regions: list[Region], sites: list[AttentionSite],
+                 plan: Plan, batch: int):
+        self.infos, self.plan, self.batch = infos, plan, batch
+        self.regions = [r for r in regions if r.name in plan.gates]
+        self.member_of = {n: r for r in self.regions for n in r.nodes}
+        self.sites = {s.node: s for s in sites}
+        self.region_of_root = {r.root: r for r in self.regions}
+
+    def call(self, gm: fx.GraphModule) -> fx.GraphModule:
+        self.graph = fx.Graph()
+        self.modules: dict[str, torch.nn.Module] = {}
+        self.env: dict[fx.Node, fx.Node] = {}       # old node -> new node holding its full value
+        self.sparse: dict[fx.Node, tuple] = {}      # old node -> (new data node, idx node, layout)
+        self.idx: dict[str, fx.Node] = {}           # region name -> its idx node
+        self.region_macs: dict[str, int] = {}       # region name -> MACs of the region when dense
+        self.attention_modules: list[str] = []
+        self.dense_macs_static = 0
+        # MACs of an incremental frame, per region: a + b * k for that region's gate k
+        self.cost_terms: list[tuple[str, int, float]] = []
+        self.region_of_idx: dict[fx.Node, str] = {}
+        self.gm = gm
+        for node in gm.graph.nodes:
+            self._visit(node)
+        self.graph._codegen = gm.graph._codegen  # keep the model's input and output structure
+        for name, module in self.modules.items():  # GraphModule copies what the graph reads from its root
+            gm.add_module(name, module)
+        try:
+            out = fx.GraphModule(gm, self.graph, class_name="EventfulGraph")
+        finally:
+            for name in self.modules:
+                delattr(gm, name)
+        out.region_macs = self.region_macs
+        out.dense_macs_static = self.dense_macs_static
+        out.cost_terms = self.cost_terms + [(name, 0, macs / self.modules[name].num_tokens)
+                                            for name, macs in self.region_macs.items()]
+        return out
+
+    # -- values ---------------------------------------------------------------------------
+    def full(self, node: fx.Node) -> fx.Node:
+        if node in self.env:
+            return self.env[node]
+        data, idx, layout = self.sparse[node]
+        name = f"buf_{node.name}"
+        shape = tensor_shape(node)
+        self.modules[name] = RegionBuffer(shape, layout.dims[0], layout.dims[-1] + 1)
+        self.cost_terms.append((self.region_of_idx[idx], 0, math.prod(shape) / self.modules[name].num_tokens))
+        self.env[node] = self.graph.call_module(name, (data, idx))
+        return self.env[node]
+
+    def _map_full(self, args):
+        return fx.node.map_arg(args, self.full)
+
+    # -- the visitor ----------------------------------------------------------------------
+    def _visit(self, node: fx.Node) -> None:
+        if node.op in ("placeholder", "get_attr"):
+            self.env[node] = self.graph.node_copy(node)
+            return
+        if not node.users and (op_kind(node) == ops.NOOP or node.op == "call_module"):
+            return  # asserts and export's input guard: the eventful module checks its inputs itself
+        if node.op == "output":
+            outputs = fx.node.map_arg(node.args[0], lambda n: self.graph.call_method("clone", (self.full(n),))
+                                      if isinstance(tensor_shape(n), tuple) else self.full(n))
+            self.graph.output(outputs)
+            return
+        if node in self.sites and self._attention(node):
+            return
+        region = self.member_of.get(node)
+        if region is not None:
+            self._sparse_node(node, region)
+            return
+        self.dense_macs_static += self.infos[node].macs
+        new = self.graph.node_copy(node, self.full)
+        self.env[node] = new
+
+    def _region_input(self, region: Region) -> tuple[fx.Node, fx.Node, TokenLayout]:
+        """The gated form of the region's root: from a gate, or inherited (query-gated attention output)."""
+        root = region.root
+        if root in self.sparse:
+            return self.sparse[root]
+        layout = self.infos[root].layout
+        name = region.name
+        shape = tensor_shape(root)
+        gate = self.modules[name] = RegionGate(self.plan.gates[name], shape, layout.dims[0], layout.dims[-1] + 1,
+                                               self.batch, always=layout.extra)
+        channels = math.prod(shape) // (self.batch * gate.num_tokens)
+        self.cost_terms.append((name, self.batch * gate.num_tokens * channels, 2 * self.batch * channels))
+        out = self.graph.call_module(name, (self.full(root),))
+        idx = self.graph.call_function(operator.getitem, (out, 0))
+        data = self.graph.call_function(operator.getitem, (out, 1))
+        self.idx[name] = idx
+        self.region_of_idx[idx] = name
+        self.sparse[root] = (data, idx, layout)
+        return self.sparse[root]
+
+    def _sparse_node(self, node: fx.Node, region: Region) -> None:
+        _, idx, _ = self._region_input(region)
+        gate_name = self.region_of_idx[idx]  # a region after query-gated attention runs on its queries' tokens
+        self.region_macs[gate_name] = self.region_macs.get(gate_name, 0) + self.infos[node].macs
+        info = self.infos[node]
+        kind = info.kind
+        name = op_name(node)
+        src = next(a for a in node.all_input_nodes if a in self.sparse)
+        src_layout = self.sparse[src][2]
+        in_shape = tensor_shape(src)
+
+        def arg(a):
+            if isinstance(a, fx.Node):
+                if a in self.sparse:
+                    return self.sparse[a][0]
+                return self._constant(a, node, idx)
+            return a
+
+        args = list(fx.node.map_aggregate(node.args, lambda a: arg(a) if isinstance(a, fx.Node) else a))
+        kwargs = dict(fx.node.map_aggregate(node.kwargs, lambda a: arg(a) if isinstance(a, fx.Node) else a))
+        out_layout = info.layout
+        if kind == ops.RESHAPE:
+            new = self.graph.call_function(torch.reshape, (args[0], _collapsed_shape(tensor_shape(node), out_layout)))
+        elif kind == ops.EXPAND:
+            new = self.graph.call_method("expand", (args[0], *_collapsed_shape(tensor_shape(node), out_layout)))
+        elif kind == ops.PERMUTE:
+            perm = _permutation(node, in_shape)
+            kept = [o for o in range(len(perm)) if o not in out_layout.dims[1:]]
+            new_perm = [_collapse_dim(perm[o], src_layout, len(in_shape)) for o in kept]
+            new = self.graph.call_method("permute", (args[0], new_perm))
+        elif name in ("pad", "constant_pad_nd"):
+            pad = list(args[1])
+            if any(pad[: 2 * (len(in_shape) - src_layout.dims[-1] - 1)]) or not any(pad):
+                pad = pad[: 2 * (len(in_shape) - src_layout.dims[-1] - 1)]  # only suffix axes can be padded here
+            new = self.graph.call_function(node.target, (args[0], pad, *args[2:]), kwargs)
+        else:
+            position = _DIM_POSITION.get(name)  # self is args[0] for methods too
+            if position is not None:
+                if "dim" in kwargs and isinstance(kwargs["dim"], (int, list, tuple)):
+                    kwargs["dim"] = _remap_dims(kwargs["dim"], src_layout, len(in_shape))
+                elif len(args) > position and isinstance(args[position], (int, list, tuple)) and not (
+                        name in ("split", "split_with_sizes", "chunk", "tensor_split") and position == 1):
+                    args[position] = _remap_dims(args[position], src_layout, len(in_shape))
+            if node.op == "call_method":
+                new = self.graph.call_method(node.target, tuple(args), kwargs)
+            else:
+                new = self.graph.call_function(node.target, tuple(args), kwargs)
+        new.meta = {}
+        if info.outputs is not None:  # unbind / split: getitem nodes pick their layouts
+            self.sparse[node] = (new, idx, None)
+            return
+        if kind == ops.GETITEM:
+            parent_layout = self.infos[node.args[0]].outputs[node.args[1]]
+            self.sparse[node] = (new, idx, parent_layout)
+            return
+        self.sparse[node] = (new, idx, out_layout)
+
+    def _constant(self, a: fx.Node, user: fx.Node, idx: fx.Node) -> fx.Node:
+        """A non-token operand of a sparse node: gathered if it holds one value per token."""
+        full = self.full(a)
+        info = self.infos[user]
+        position = next((i for i, x in enumerate(user.args) if x is a), None)
+        token_dims = info.per_token_args.get(position)
+        shape = tensor_shape(a)
+        out_layout = info.layout
+        if shape is None or out_layout is None:
+            return full
+        out_rank = len(tensor_shape(user))
+        offset = out_rank - len(shape)
+        run = [d - offset for d in out_layout.dims]
+        if run[0] < 0:  # the constant does not reach the token axes: broadcasting is unchanged
+            return full
+        collapsed = [*shape[: run[0]], math.prod(shape[run[0]: run[-1] + 1]), *shape[run[-1] + 1:]]
+        value = self.graph.call_function(torch.reshape, (full, collapsed)) if len(run) > 1 else full
+        if token_dims:
+            if run[0] == 0:  # no batch axis before the tokens: add one so streams can index it
+                value = self.graph.call_method("unsqueeze", (value, 0))
+                return self.graph.call_method("squeeze", (
+                    self.graph.call_function(gather_tokens, (value, idx, 1)), 0)) if self.batch == 1 else \
+                    self.graph.call_function(gather_tokens, (value, idx, 1))
+            return self.graph.call_function(gather_tokens, (value, idx, run[0]))
+        return value
+
+    # -- attention ------------------------------------------------------------------------
+    def _attention(self, node: fx.Node) -> bool:
+        site = self.sites[node]
+        mode = self.plan.attention.get(site.name, "dense")
+        q, k, v = site.q, site.k, site.v
+        if mode == "dense" or site.reason is not None or q not in self.sparse:
+            return False
+        attn_mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+        is_causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)
+        dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+        scale = node.kwargs.get("scale", None)
+        if is_causal or dropout or len(tensor_shape(q)) != 4:
+            return False
+        q_data, idx, q_layout = self.sparse[q]
+        mask = self.full(attn_mask) if isinstance(attn_mask, fx.Node) else attn_mask
+        name = site.name
+        (batch, heads, n, d), dv = tensor_shape(k), tensor_shape(v)[-1]
+        region = self.region_of_idx[idx]
+        if mode == "incremental" and k in self.sparse and v in self.sparse and \
+                self.sparse[k][1] is idx and self.sparse[v][1] is idx:
+            self.modules[name] = IncrementalAttention(tensor_shape(k)[-2])
+            self.env[node] = self.graph.call_module(name, (q_data, self.sparse[k][0], self.sparse[v][0], idx, mask, scale))
+            self.cost_terms.append((region, 0, batch * heads * (n * (2 * d + 3 * dv) + 3 * n + 2 * d + 3 * dv + 2)))
+        else:
+            self.modules[name] = QueryGatedAttention()
+            out = self.graph.call_module(name, (q_data, self.full(k), self.full(v), idx, mask, scale))
+            self.sparse[node] = (out, idx, self.infos[node].layout)
+            self.cost_terms.append((region, 0, batch * heads * n * (d + dv)))
+        self.attention_modules.append(name)
+        return True
+
+
+def _remap_dims(dims, layout: TokenLayout, ndim: int):
+    if isinstance(dims, int):
+        return _collapse_dim(dims, layout, ndim) if dims >= 0 or dims < -(ndim - layout.dims[-1] - 1) else dims
+    return [_remap_dims(d, layout, ndim) for d in dims]
