@@ -81,16 +81,20 @@ def _other_ids(shape: tuple[int, ...], dims: tuple[int, ...], streams: torch.Ten
 
 def _layout(tok: torch.Tensor, oth: torch.Tensor) -> TokenLayout | None:
     dims, mixed = [], False
+    padded = bool((tok < 0).any())
     for d in range(tok.ndim):
-        if tok.shape[d] <= 1:
+        n = tok.shape[d]
+        if n <= 1:
             continue
-        token_varies = bool((tok.diff(dim=d) != 0).any())
-        # padding (token id -1) carries no channel ids of its own: leave it out of the mixing test
-        real = (tok.narrow(d, 1, tok.shape[d] - 1) >= 0) & (tok.narrow(d, 0, tok.shape[d] - 1) >= 0)
-        other_varies = bool(((oth.diff(dim=d) != 0) & real).any())
-        if token_varies:
-            dims.append(d)
-            mixed |= other_varies
+        later, earlier = tok.narrow(d, 1, n - 1), tok.narrow(d, 0, n - 1)
+        steps = later != earlier
+        if not bool(steps.any()):
+            continue
+        dims.append(d)
+        other_steps = oth.narrow(d, 1, n - 1) != oth.narrow(d, 0, n - 1)
+        if padded:  # padding (token id -1) has no channel ids of its own: leave it out of the mixing test
+            other_steps &= (later >= 0) & (earlier >= 0)
+        mixed |= bool(other_steps.any())
     if not dims:
         return None
     consecutive = dims == list(range(dims[0], dims[-1] + 1))
@@ -267,8 +271,11 @@ class TokenAnalysis:
         layouts = [self.infos[a].layout for a in token_args]
         aligned = {tuple(d + r - len(tensor_shape(a)) for d in x.dims) if x else None for a, x in zip(token_args, layouts)}
         source = next(a for a in token_args if a in self._ids)
-        tok, oth = self._broadcast_ids(source, out_shape)
-        layout = self._set(node, tok, oth)
+        if tensor_shape(source) == tuple(out_shape):  # same shape: same ids and layout, nothing to recompute
+            self._ids[node] = self._ids[source]
+            layout = self.infos[source].layout
+        else:
+            layout = self._set(node, *self._broadcast_ids(source, out_shape))
         if len(aligned) != 1 or None in aligned:
             return NodeInfo(kind, layout=layout, macs=macs, reason="operands have different token layouts")
         dims = aligned.pop()
