@@ -51,6 +51,7 @@ class Row:
     status: str                    # convertible | dense | blocker | info
     reason: str | None
     source: str
+    module: str = ""               # qualified name of the innermost module that ran the node ("blocks.0.attn.qkv")
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Report:
     convertible_linear_count: int = 0
     attention_count: int = 0
     convertible_attention_count: int = 0
+    graph: fx.GraphModule | None = field(default=None, repr=False, compare=False)  # the analysed graph
 
     @property
     def convertible_fraction(self) -> float:
@@ -139,9 +141,9 @@ class Report:
         groups = _grouped(self.blockers)
         lines.append(f"blockers (stay dense): {len(self.blockers)} nodes" if groups else "blockers: none")
         if groups:
-            lines += _table(["MACs", "nodes", "ops", "reason", "source"],
-                            [[_fmt_macs(g["macs"]), str(g["count"]), g["ops"], g["reason"], _short_source(g["source"])]
-                             for g in groups])
+            lines += _table(["MACs", "nodes", "ops", "module", "reason", "source"],
+                            [[_fmt_macs(g["macs"]), str(g["count"]), g["ops"], g["modules"], g["reason"],
+                              _short_source(g["source"])] for g in groups])
         info = _grouped(self.info)
         if info:
             lines += ["", "token-set changes (info):"]
@@ -167,9 +169,9 @@ class Report:
 
         out += ["## Blockers", ""]
         groups = _grouped(self.blockers)
-        out += md(["MACs", "nodes", "ops", "reason", "source"],
-                  [[_fmt_macs(g["macs"]), g["count"], g["ops"], g["reason"], f"`{_short_source(g['source'])}`"]
-                   for g in groups]) if groups else ["None.", ""]
+        out += md(["MACs", "nodes", "ops", "module", "reason", "source"],
+                  [[_fmt_macs(g["macs"]), g["count"], g["ops"], f"`{g['modules']}`" if g["modules"] else "", g["reason"],
+                    f"`{_short_source(g['source'])}`"] for g in groups]) if groups else ["None.", ""]
         info = _grouped(self.info)
         if info:
             out += ["## Token-set changes", ""]
@@ -241,7 +243,7 @@ def analyze_graph(gm: fx.GraphModule, *, name: str = "graph", input_shapes: list
         layout = info.layout
         rows.append(Row(node.name, op_name(node) or str(node.target), info.kind,
                         list(layout.dims) if layout else None, layout.num_tokens if layout else None,
-                        int(info.macs), convertible, where, status, reason, source_line(node)))
+                        int(info.macs), convertible, where, status, reason, source_line(node), _module(node)))
 
     region_summaries = [RegionSummary(r.name, r.root.name, len(r.nodes), macs_of_region[r.name],
                                       infos[r.root].layout.num_tokens if infos[r.root].layout else None)
@@ -266,10 +268,20 @@ def analyze_graph(gm: fx.GraphModule, *, name: str = "graph", input_shapes: list
         convertible_linear_count=int(convertible_linears),
         attention_count=attention_count,
         convertible_attention_count=sum(site_ok.values()),
+        graph=gm,
     )
 
 
 _NOT_IN_REGION = "its queries are not computed inside a gated region"
+
+
+def _module(node: fx.Node) -> str:
+    """The innermost module of the node (torch.export and Dynamo record `nn_module_stack`)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return str(path).replace("L['self'].", "").replace("L__self__.", "")
 
 
 def _tokens(info: NodeInfo) -> int | None:
@@ -314,7 +326,7 @@ def _dense_reason(node, info: NodeInfo, infos, region, site_of, after_tokens) ->
         return "patch embedding: it makes the tokens, gates start after it"
     if not info.carries_tokens:
         if node in after_tokens:
-            return "carries no tokens: runs after the tokens were reduced (class token, pooling)"
+            return "carries no tokens: runs after the tokens were reduced (class token, pooling) or mixed"
         if info.kind == ops.CONV:
             return "a convolution that is no patch embedding (stride != kernel) runs before the tokens exist"
         return "carries no tokens: runs before the patch embedding"
@@ -360,14 +372,18 @@ def _grouped(rows: list[Row]) -> list[dict]:
     groups: dict[tuple, dict] = {}
     for r in rows:
         g = groups.setdefault((r.reason, r.source), {"reason": r.reason or "", "source": r.source, "count": 0,
-                                                     "macs": 0, "ops": []})
+                                                     "macs": 0, "ops": [], "modules": []})
         g["count"] += 1
+        if r.module and r.module not in g["modules"]:
+            g["modules"].append(r.module)
         g["macs"] += r.macs
         if r.op not in g["ops"]:
             g["ops"].append(r.op)
     out = sorted(groups.values(), key=lambda g: -g["macs"])
     for g in out:
         g["ops"] = ",".join(g["ops"])
+        mods = g["modules"]
+        g["modules"] = "" if not mods else mods[0] if len(mods) == 1 else f"{mods[0]} (+{len(mods) - 1})"
     return out
 
 

@@ -128,5 +128,6 @@ def tensor_shape(node) -> tuple[int, ...] | None:
 def source_line(node: fx.Node) -> str:
     """The innermost `File ..., line ...` of the node's stack trace, for reports."""
     trace = node.meta.get("stack_trace") or ""
-    lines = [line.strip() for line in trace.strip().splitlines() if line.strip().startswith("File")]
+    lines = [line.strip() for line in trace.strip().splitlines() if line.strip().startswith("File")
+             and "/torch/nn/" not in line and "/torch/_" not in line]  # the model's own code, not torch's
     return lines[-1] if lines else ""

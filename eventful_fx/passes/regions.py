@@ -61,12 +61,34 @@ def find_regions(gm: fx.GraphModule, infos: dict[fx.Node, NodeInfo]) -> tuple[li
             continue
         root = roots.pop()
         root_layout = infos[root].layout
-        if root_layout is None or not root_layout.clean:
+        if root_layout is None or not (root_layout.clean and root_layout.stream_major):
             continue
         region = member_of.get(root) or regions.setdefault(root, Region(root))
         region.nodes.append(node)
         member_of[node] = region
-    return list(regions.values()), sites
+    _prune(infos, member_of)
+    for region in regions.values():
+        region.nodes = [n for n in region.nodes if member_of.get(n) is region]
+    return [r for r in regions.values() if r.nodes], sites
+
+
+def _prune(infos: dict[fx.Node, NodeInfo], member_of: dict[fx.Node, Region]) -> None:
+    """Drop members whose value must leave the region but cannot be buffered (streams not outermost).
+
+    Dropping one can strand its consumers (their input is then neither a member nor the
+    root), so repeat until nothing changes.
+    """
+    changed = True
+    while changed:
+        changed = False
+        for node, region in list(member_of.items()):
+            layouts = [infos[node].layout] if infos[node].outputs is None else [o for o in infos[node].outputs if o]
+            leaves = any(member_of.get(u) is not region for u in node.users)
+            stranded = any(infos[a].carries_tokens and member_of.get(a) is not region and a is not region.root
+                           for a in node.all_input_nodes)
+            if stranded or (leaves and infos[node].outputs is None and not all(x.stream_major for x in layouts)):
+                del member_of[node]
+                changed = True
 
 
 def region_macs(region: Region, infos: dict[fx.Node, NodeInfo]) -> int:

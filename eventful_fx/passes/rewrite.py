@@ -40,16 +40,19 @@ class RegionGate(TokenGate):
         super().__init__(policy, always)
         self.shape, self.t0, self.t1, self.batch = shape, t0, t1, batch
         self.num_tokens = math.prod(shape[t0:t1])
+        self.per_stream = math.prod(shape[:t0]) // batch  # prefix rows of one stream (1 unless heads)
+        self.channels = math.prod(shape[t1:])
         self.last_k = self.num_tokens
 
     def forward(self, x: torch.Tensor):
-        per_stream = math.prod(self.shape[: self.t0]) // self.batch  # prefix rows of one stream (1 unless heads)
-        rows = x.reshape(self.batch, per_stream, self.num_tokens, -1)
+        per_stream, channels = self.per_stream, self.channels
+        rows = x.reshape(self.batch, per_stream, self.num_tokens, channels)
         rows = rows[:, 0] if per_stream == 1 else rows.movedim(2, 1).reshape(self.batch, self.num_tokens, -1)
         idx, selected = super().forward(rows)
         k = idx.shape[1]
         self.last_k = k
-        selected = selected.reshape(self.batch, k, per_stream, -1).movedim(1, 2) if per_stream > 1 else selected
+        if per_stream > 1:
+            selected = selected.reshape(self.batch, k, per_stream, channels).movedim(1, 2)
         return idx, selected.reshape(*self.shape[: self.t0], k, *self.shape[self.t1:])
 
 
@@ -59,10 +62,10 @@ class RegionBuffer(TokenBuffer):
     def __init__(self, shape: tuple[int, ...], t0: int, t1: int):
         super().__init__(math.prod(shape[t0:t1]))
         self.shape, self.t0 = shape, t0
-        self.rows = math.prod(shape[:t0])
+        self.rows, self.channels = math.prod(shape[:t0]), math.prod(shape[t1:])
 
     def forward(self, fresh: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        fresh = fresh.reshape(self.rows, fresh.shape[self.t0], -1)
+        fresh = fresh.reshape(self.rows, fresh.shape[self.t0], self.channels)
         if self.rows != idx.shape[0]:  # heads or other per-stream rows share their stream's tokens
             idx = idx.repeat_interleave(self.rows // idx.shape[0], 0)
         return super().forward(fresh, idx).view(self.shape)
@@ -75,9 +78,10 @@ def _collapse_dim(d: int, layout: TokenLayout, ndim: int) -> int:
     return d if d <= t0 else (t0 if d <= t1 else d - (t1 - t0))
 
 
-def _collapsed_shape(shape: tuple[int, ...], layout: TokenLayout) -> list[int]:
+def _collapsed_shape(shape: tuple[int, ...], layout: TokenLayout, k) -> list:
+    """The shape with the token run replaced by k (a graph node: -1 is ambiguous when k is 0)."""
     t0, t1 = layout.dims[0], layout.dims[-1] + 1
-    return [*shape[:t0], -1, *shape[t1:]]
+    return [*shape[:t0], k, *shape[t1:]]
 
 
 def _permutation(node: fx.Node, in_shape: tuple[int, ...]) -> list[int]:
@@ -116,6 +120,7 @@ class EventfulRewrite:
         # MACs of an incremental frame, per region: a + b * k for that region's gate k
         self.cost_terms: list[tuple[str, int, float]] = []
         self.region_of_idx: dict[fx.Node, str] = {}
+        self.k_nodes: dict[fx.Node, fx.Node] = {}
         self.gm = gm
         for node in gm.graph.nodes:
             self._visit(node)
@@ -212,9 +217,11 @@ class EventfulRewrite:
         kwargs = dict(fx.node.map_aggregate(node.kwargs, lambda a: arg(a) if isinstance(a, fx.Node) else a))
         out_layout = info.layout
         if kind == ops.RESHAPE:
-            new = self.graph.call_function(torch.reshape, (args[0], _collapsed_shape(tensor_shape(node), out_layout)))
+            new = self.graph.call_function(torch.reshape, (args[0], _collapsed_shape(tensor_shape(node), out_layout,
+                                                                                     self._k(idx))))
         elif kind == ops.EXPAND:
-            new = self.graph.call_method("expand", (args[0], *_collapsed_shape(tensor_shape(node), out_layout)))
+            new = self.graph.call_method("expand", (args[0], *_collapsed_shape(tensor_shape(node), out_layout,
+                                                                                 self._k(idx))))
         elif kind == ops.PERMUTE:
             perm = _permutation(node, in_shape)
             kept = [o for o in range(len(perm)) if o not in out_layout.dims[1:]]
@@ -246,6 +253,12 @@ class EventfulRewrite:
             self.sparse[node] = (new, idx, parent_layout)
             return
         self.sparse[node] = (new, idx, out_layout)
+
+    def _k(self, idx: fx.Node) -> fx.Node:
+        """The region's token count on this frame, as a graph value."""
+        if idx not in self.k_nodes:
+            self.k_nodes[idx] = self.graph.call_method("size", (idx, 1))
+        return self.k_nodes[idx]
 
     def _constant(self, a: fx.Node, user: fx.Node, idx: fx.Node) -> fx.Node:
         """A non-token operand of a sparse node: gathered if it holds one value per token."""

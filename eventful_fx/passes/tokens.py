@@ -30,6 +30,7 @@ class TokenLayout:
     dims: tuple[int, ...]      # token axes, ascending
     num_tokens: int            # distinct tokens in the value
     clean: bool                # token axes are consecutive and hold nothing but tokens
+    stream_major: bool         # axes before the tokens hold the stream (batch) outermost: bufferable
     order: torch.Tensor = field(compare=False, repr=False)  # token ids along the run of token axes
 
     @property
@@ -104,7 +105,7 @@ def _layout(tok: torch.Tensor, oth: torch.Tensor) -> TokenLayout | None:
     streams = torch.floor(oth[tuple(slice(None) if d < dims[0] else 0 for d in range(tok.ndim))] / _STREAM)
     suffix_streams = torch.floor(oth[tuple(0 if d < dims[0] else slice(None) for d in range(tok.ndim))] / _STREAM)
     stream_major = bool((streams.reshape(-1).diff() >= 0).all()) and bool((suffix_streams == suffix_streams.reshape(-1)[0]).all())
-    return TokenLayout(tuple(dims), num_tokens, consecutive and not mixed and stream_major, first)
+    return TokenLayout(tuple(dims), num_tokens, consecutive and not mixed, stream_major, first)
 
 
 def _same_tokens(layout: TokenLayout, inputs: list) -> bool:
@@ -134,6 +135,14 @@ class TokenAnalysis:
         self._ids: dict[fx.Node, tuple] = {}  # node -> (tok, oth), or lists of them per output
 
     def run(self) -> dict[fx.Node, NodeInfo]:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # thousands of tiny id-tensor ops: a thread pool only adds waiting
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self) -> dict[fx.Node, NodeInfo]:
         remaining_users = {n: len(n.users) for n in self.gm.graph.nodes}
         for node in self.gm.graph.nodes:
             self.infos[node] = self._visit(node)
@@ -272,7 +281,7 @@ class TokenAnalysis:
         aligned = {tuple(d + r - len(tensor_shape(a)) for d in x.dims) if x else None for a, x in zip(token_args, layouts)}
         source = next(a for a in token_args if a in self._ids)
         if tensor_shape(source) == tuple(out_shape):  # same shape: same ids and layout, nothing to recompute
-            self._ids[node] = self._ids[source]
+            self._ids[node] = tuple(t.contiguous() for t in self._ids[source])
             layout = self.infos[source].layout
         else:
             layout = self._set(node, *self._broadcast_ids(source, out_shape))
@@ -304,7 +313,8 @@ class TokenAnalysis:
         if tok.shape[-1] != out_shape[-1] and tok.ndim == len(out_shape):  # a linear changed the channel axis
             tok = tok[..., :1].expand(out_shape)
             streams = torch.floor(oth[..., :1] / _STREAM).expand(out_shape)
-            token_dims = _layout(tok, streams).dims if tok.numel() > 1 else ()
+            layout = _layout(tok, streams)
+            token_dims = layout.dims if layout is not None else ()
             oth = _other_ids(tuple(out_shape), token_dims, streams)
         while tok.ndim < len(out_shape):
             tok, oth = tok.unsqueeze(0), oth.unsqueeze(0)

@@ -105,7 +105,9 @@ class TokenGate(StatefulOp):
         if self.always:
             if self._always_idx is None or self._always_idx.device != x.device:
                 self._always_idx = torch.tensor(self.always, device=x.device)
-            score.index_fill_(1, self._always_idx, math.inf)
+            # ...but only in streams where something changed: a repeated frame still updates nothing
+            changed = (score > getattr(self.policy, "threshold", 0.0)).any(1, keepdim=True)
+            score.index_copy_(1, self._always_idx, torch.where(changed, math.inf, score.index_select(1, self._always_idx)))
         count = self.policy.count(num_tokens)
         if count is None:
             chosen = score > self.policy.threshold

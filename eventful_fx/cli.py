@@ -1,0 +1,145 @@
+"""The `eventful-fx` command line: `analyze` (implemented here), `run` and `bench` (to come).
+
+Subcommands are registered in `COMMANDS` (name -> (add_arguments, handler)); a handler takes
+the parsed arguments and returns the process exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable
+
+
+class ModelSpecError(ValueError):
+    """A model spec that names no model."""
+
+
+def load_model(spec: str, input_size: tuple[int, int] | None = None):
+    """An eval-mode model, untrained weights, from a spec.
+
+    - `vit_tiny_patch16_224`: a timm model name (`img_size=input_size` when given);
+    - `torchvision:vit_b_16`: `torchvision.models.vit_b_16(weights=None)` (`image_size` when given and square);
+    - `package.module:factory`: `factory()`.
+    """
+    if ":" in spec:
+        prefix, name = spec.split(":", 1)
+        if prefix == "torchvision":
+            return _torchvision_model(name, input_size).eval()
+        try:
+            module = importlib.import_module(prefix)
+        except ImportError as e:
+            raise ModelSpecError(f"cannot import module {prefix!r} of model spec {spec!r}: {e}") from e
+        factory = getattr(module, name, None)
+        if not callable(factory):
+            raise ModelSpecError(f"module {prefix!r} has no callable {name!r} (model spec {spec!r})")
+        return factory().eval()
+    import timm
+
+    if not timm.is_model(spec):
+        close = timm.list_models(f"*{spec}*")[:8]
+        hint = f"; did you mean one of: {', '.join(close)}" if close else ""
+        raise ModelSpecError(f"unknown model {spec!r}: not a timm model name, nor torchvision:NAME, nor "
+                             f"package.module:factory{hint}")
+    kwargs = {"img_size": tuple(input_size)} if input_size else {}
+    return timm.create_model(spec, pretrained=False, **kwargs).eval()
+
+
+def _torchvision_model(name: str, input_size):
+    import torchvision
+
+    factory = getattr(torchvision.models, name, None)
+    if not callable(factory):
+        raise ModelSpecError(f"unknown torchvision model {name!r} (torchvision.models.{name} does not exist)")
+    if input_size and input_size[0] == input_size[1] and name.startswith("vit_"):
+        return factory(weights=None, image_size=input_size[0])  # torchvision ViTs fix their image size
+    return factory(weights=None)
+
+
+def default_input_size(model) -> tuple[int, int]:
+    """The (H, W) a model was built for: timm's pretrained_cfg, torchvision's image_size, an img_size, else 224."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    if "input_size" in cfg:
+        return tuple(cfg["input_size"][-2:])
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    if img_size:
+        return tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
+    for attr in ("image_size", "img_size"):
+        size = getattr(model, attr, None)
+        if isinstance(size, int):
+            return size, size
+        if isinstance(size, (tuple, list)) and len(size) == 2:
+            return tuple(size)
+    return 224, 224
+
+
+# -- analyze ------------------------------------------------------------------------------
+
+def _add_analyze(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="timm name, torchvision:NAME or package.module:factory")
+    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="input height and width")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the report as JSON")
+    out.add_argument("--markdown", action="store_true", help="print the report as Markdown")
+
+
+def _analyze(args) -> int:
+    import torch
+
+    from .analysis import analyze
+    from .passes.capture import CaptureError
+
+    size = tuple(args.input_size) if args.input_size else None
+    try:
+        model = load_model(args.model, size)
+    except ModelSpecError as e:
+        print(f"eventful-fx analyze: {e}", file=sys.stderr)
+        return 2
+    h, w = size or default_input_size(model)
+    try:
+        report = analyze(model, torch.randn(1, 3, h, w), name=args.model)
+    except CaptureError as e:
+        print(f"eventful-fx analyze: {args.model} on a 1x3x{h}x{w} input: {e}\n"
+              "(give the size the model was built for with --input-size H W)", file=sys.stderr)
+        return 1
+    print(report.to_json() if args.json else report.to_markdown() if args.markdown else report)
+    return 0
+
+
+# -- run / bench: placeholders --------------------------------------------------------------
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="vit_tiny_patch16_224")
+    p.add_argument("--frames", type=int, default=None)
+
+
+def _not_yet(args) -> int:
+    print(f"eventful-fx {args.command}: not yet available", file=sys.stderr)
+    return 1
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
+    "analyze": (_add_analyze, _analyze, "report which parts of a model can run eventfully, and why the rest cannot"),
+    "run": (_add_run, _not_yet, "run a model eventfully on a video"),
+    "bench": (_add_run, _not_yet, "measure speed against the dense model"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eventful-fx", description="Eventful Transformers as a compiler pass.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_arguments, handler, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
