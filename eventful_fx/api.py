@@ -115,15 +115,19 @@ class EventfulModule(torch.nn.Module):
         gm = capture(self.model, inputs)
         infos = TokenAnalysis(gm).run()
         regions, sites = find_regions(gm, infos)
-        batch = _batch_size(infos, inputs)
-        gated = [r for r in regions if any(infos[n].macs for n in r.nodes) or _feeds_attention(r, sites)]
-        plan = Plan(gates={r.name: TopK(1) for r in gated}, attention={s.name: self.attention for s in sites})
-        self.graph_module = EventfulRewrite(infos, regions, sites, plan, batch).call(gm)
-        self._plan = plan
+        self._captured = (gm, infos, regions, sites, _batch_size(infos, inputs))
         self._dense_macs = sum(i.macs for i in infos.values())
         self._signature = tuple(_signature(x) for x in inputs)
-        self._frames_since_flush = 0
+        gated = [r for r in regions if any(infos[n].macs for n in r.nodes) or _feeds_attention(r, sites)]
+        self._rewrite(Plan(gates={r.name: TopK(1) for r in gated}, attention={s.name: self.attention for s in sites}))
         self._apply_plan()
+
+    def _rewrite(self, plan: Plan) -> None:
+        """Build the eventful graph for a plan's structure (which gates, which attention modes): no re-capture."""
+        gm, infos, regions, sites, batch = self._captured
+        self.graph_module = EventfulRewrite(infos, regions, sites, plan, batch).call(gm)
+        self._plan = plan
+        self._frames_since_flush = 0
 
     def _gates(self) -> dict[str, RegionGate]:
         return {name: m for name, m in self.graph_module.named_children() if isinstance(m, RegionGate)}

@@ -1,4 +1,4 @@
-"""The `eventful-fx` command line: `analyze` (implemented here), `run` and `bench` (to come).
+"""The `eventful-fx` command line: `run` (the main job), `bench` (several budgets) and `analyze`.
 
 Subcommands are registered in `COMMANDS` (name -> (add_arguments, handler)); a handler takes
 the parsed arguments and returns the process exit status.
@@ -107,22 +107,57 @@ def _analyze(args) -> int:
     return 0
 
 
-# -- run / bench: placeholders --------------------------------------------------------------
+# -- run / bench --------------------------------------------------------------------------
 
-def _add_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="vit_tiny_patch16_224")
-    p.add_argument("--frames", type=int, default=None)
+def _add_run(p: argparse.ArgumentParser, budgets: str = "0.25") -> None:
+    p.add_argument("--model", default="vit_base_patch16_224", help="timm name, torchvision:NAME or package.module:factory")
+    p.add_argument("--video", default=None, help="a video file (default: the built-in clip)")
+    p.add_argument("--frames", type=int, default=None, help="use at most this many frames")
+    p.add_argument("--size", type=int, default=None, help="frame size (default: the model's input size)")
+    p.add_argument("--budget", default=budgets, help="fraction of dense MACs per frame; comma-separated for several")
+    p.add_argument("--policy", choices=("topk", "threshold"), default="topk")
+    p.add_argument("--threshold", type=float, default=0.1, help="token change threshold of the threshold policy")
+    p.add_argument("--attention", choices=("dense", "query", "incremental"), default="query")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
-def _not_yet(args) -> int:
-    print(f"eventful-fx {args.command}: not yet available", file=sys.stderr)
-    return 1
+def _run(args) -> int:
+    import json
+
+    from . import video
+    from .measure import format_table, measure
+
+    try:
+        model = load_model(args.model)
+        budgets = [float(b) for b in str(args.budget).split(",")]
+    except (ModelSpecError, ValueError) as e:
+        print(f"eventful-fx {args.command}: {e}", file=sys.stderr)
+        return 2
+    size = args.size or default_input_size(model)[0]
+    path = args.video or video.builtin_clip_path()
+    try:
+        frames = video.read_frames(path, size=size, max_frames=args.frames)
+    except (OSError, ValueError) as e:
+        print(f"eventful-fx {args.command}: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.model} on {path} ({len(frames)} frames of {size}x{size}), policy {args.policy}, "
+          f"attention {args.attention}")
+    rows = [measure(model, frames, b, name=args.model, policy=args.policy, threshold=args.threshold,
+                    attention=args.attention) for b in budgets]
+    print(format_table(rows))
+    for r in rows:
+        print(f"budget {r.budget}: {1 - r.mac_fraction:.1%} of the MACs saved, {r.speedup:.2f}x faster than dense, "
+              f"output within {r.rel_error:.2%} of dense on average (worst frame {r.max_rel_error:.2%})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.as_dict() for r in rows], f, indent=2)
+    return 0
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
     "analyze": (_add_analyze, _analyze, "report which parts of a model can run eventfully, and why the rest cannot"),
-    "run": (_add_run, _not_yet, "run a model eventfully on a video"),
-    "bench": (_add_run, _not_yet, "measure speed against the dense model"),
+    "run": (_add_run, _run, "run a model eventfully on a video: MACs saved, speedup and fidelity vs dense"),
+    "bench": (lambda p: _add_run(p, "1.0,0.5,0.25,0.125"), _run, "the same over several budgets"),
 }
 
 

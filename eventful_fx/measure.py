@@ -1,0 +1,86 @@
+"""Measuring an eventful model against its dense original on one video, in one process.
+
+Dense and eventful calls alternate frame by frame, so both see the same machine load; speed
+is the ratio of their median wall-clock times over the incremental frames (the first frame
+is a flush for the eventful model and a warm-up for both). Fidelity is the relative error
+||eventful - dense|| / ||dense|| of the outputs, averaged over the clip.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from .api import compile as eventful_compile
+
+
+@dataclass
+class Measurement:
+    model: str
+    budget: float
+    frames: int
+    tokens: int
+    dense_ms: float        # median per incremental frame
+    eventful_ms: float     # median per incremental frame
+    mac_fraction: float    # eventful / dense MACs, mean over incremental frames (overhead included)
+    rel_error: float       # mean over all frames
+    max_rel_error: float
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.eventful_ms
+
+    @property
+    def mac_reduction(self) -> float:
+        return 1.0 / self.mac_fraction
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "speedup": self.speedup, "mac_reduction": self.mac_reduction}
+
+
+def _timed(fn, x):
+    start = time.perf_counter()
+    out = fn(x)
+    return out, (time.perf_counter() - start) * 1e3
+
+
+def measure(model: torch.nn.Module, frames: torch.Tensor, budget: float, *, name: str = "", progress: bool = True,
+            **options) -> Measurement:
+    """Run `frames` [T, C, H, W] through the dense model and its eventful version, alternating."""
+    if frames.ndim != 4 or len(frames) < 2:
+        raise ValueError(f"frames must be [T >= 2, C, H, W], got shape {tuple(frames.shape)}")
+    model = model.eval()
+    emodel = eventful_compile(model, budget=budget, **options)
+    dense_ms, eventful_ms, fractions, errors = [], [], [], []
+    with torch.no_grad():
+        for t, frame in enumerate(tqdm(frames, desc=f"{name or 'model'} @ budget {budget}", disable=not progress,
+                                       leave=False)):
+            x = frame[None]
+            dense, d_ms = _timed(model, x)
+            out, e_ms = _timed(emodel, x)
+            errors.append(((out - dense).norm() / dense.norm()).item())
+            if t > 0:
+                dense_ms.append(d_ms)
+                eventful_ms.append(e_ms)
+                fractions.append(emodel.stats.fraction)
+    tokens = max(emodel.stats.tokens.values(), default=0)
+    return Measurement(
+        model=name, budget=budget, frames=len(frames), tokens=tokens,
+        dense_ms=statistics.median(dense_ms), eventful_ms=statistics.median(eventful_ms),
+        mac_fraction=sum(fractions) / len(fractions),
+        rel_error=sum(errors) / len(errors), max_rel_error=max(errors),
+    )
+
+
+def format_table(rows: list[Measurement]) -> str:
+    header = f"{'model':<26} {'budget':>6} {'MACs':>6} {'saved':>6} {'dense ms':>9} {'eventful ms':>11} " \
+             f"{'speedup':>7} {'MAC red.':>8} {'rel. err':>8}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r.model:<26} {r.budget:>6.3f} {r.mac_fraction:>6.3f} {1 - r.mac_fraction:>6.1%} "
+                     f"{r.dense_ms:>9.1f} {r.eventful_ms:>11.1f} {r.speedup:>6.2f}x {r.mac_reduction:>7.2f}x "
+                     f"{r.rel_error:>8.2e}")
+    return "\n".join(lines)
