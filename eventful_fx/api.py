@@ -92,8 +92,9 @@ class EventfulModule(torch.nn.Module):
     def forward(self, *inputs):
         signature = tuple(_signature(x) for x in inputs)
         if self.check_finite:
-            for x in inputs:
-                if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            for x in inputs:  # parameters (graph inputs under torch.compile) are the model's business
+                if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) and x.is_floating_point() \
+                        and not bool(torch.isfinite(x).all()):
                     raise ValueError("input frame holds NaN or inf values; the eventful state was left untouched")
         if self.graph_module is None:
             self._build(inputs)

@@ -1,0 +1,41 @@
+"""The `torch.compile` backend: `torch.compile(model, backend="eventful")`.
+
+Dynamo hands the backend a graph of torch-level calls with the parameters as inputs; the
+backend wraps it into an EventfulModule, which re-captures it with `torch.export` (so one
+analysis serves every entry point) and owns the state. `eventful_fx.backend(budget=0.5)`
+returns a backend with other options; `eventful_fx.reset()` starts a new video in every
+module the backends built.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch._dynamo import register_backend
+
+from .api import EventfulModule
+
+_modules: "weakref.WeakSet[EventfulModule]" = weakref.WeakSet()
+
+
+def backend(budget: float = 0.25, **options):
+    """A torch.compile backend running the captured graph eventfully with these options."""
+    def compile_graph(gm: torch.fx.GraphModule, example_inputs):
+        emodel = EventfulModule(gm, budget, **options)
+        _modules.add(emodel)
+        return emodel
+    return compile_graph
+
+
+def reset(streams=None) -> None:
+    """Next frame is a dense flush for every module built by an eventful torch.compile backend."""
+    for emodel in list(_modules):
+        emodel.reset(streams)
+
+
+def compiled_modules() -> list[EventfulModule]:
+    """The EventfulModules built by eventful backends so far (for their stats, budget and plan)."""
+    return list(_modules)
+
+
+register_backend(name="eventful")(backend())

@@ -1,0 +1,30 @@
+"""torch.compile(model, backend="eventful"): the same eventful model through Dynamo."""
+import timm
+import torch
+
+import eventful_fx
+from eventful_fx.video import builtin_clip
+
+
+def rel_err(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_backend_exact_at_budget_one_and_saves_at_low_budget():
+    torch._dynamo.reset()
+    frames = builtin_clip(size=224, max_frames=5)
+    model = timm.create_model("vit_tiny_patch16_224").eval()
+    exact = torch.compile(model, backend=eventful_fx.backend(budget=1.0))
+    cheap = torch.compile(model, backend="eventful")  # default budget 0.25
+    errors = []
+    with torch.no_grad():
+        for frame in frames:
+            dense = model(frame[None])
+            assert rel_err(exact(frame[None]), dense) <= 1e-4
+            errors.append(rel_err(cheap(frame[None]), dense))
+    cheap_module = next(m for m in eventful_fx.compiled_modules() if m.budget == 0.25)
+    assert errors[0] <= 1e-5 < errors[-1]
+    assert cheap_module.stats.macs <= 0.27 * cheap_module.stats.dense_macs
+    eventful_fx.reset()
+    with torch.no_grad():
+        assert rel_err(cheap(frames[2][None]), model(frames[2][None])) <= 1e-5  # a flush after reset
