@@ -228,9 +228,9 @@ class EventfulRewrite:
             new_perm = [_collapse_dim(perm[o], src_layout, len(in_shape)) for o in kept]
             new = self.graph.call_method("permute", (args[0], new_perm))
         elif name in ("pad", "constant_pad_nd"):
-            pad = list(args[1])
-            if any(pad[: 2 * (len(in_shape) - src_layout.dims[-1] - 1)]) or not any(pad):
-                pad = pad[: 2 * (len(in_shape) - src_layout.dims[-1] - 1)]  # only suffix axes can be padded here
+            # pad pairs run from the last axis backwards: suffix axes, then the token run (one axis now), then prefix
+            pad, suffix, run = list(args[1]), len(in_shape) - src_layout.dims[-1] - 1, len(src_layout.dims)
+            pad = pad[: 2 * suffix] + ([0, 0] if len(pad) > 2 * suffix else []) + pad[2 * (suffix + run):]
             new = self.graph.call_function(node.target, (args[0], pad, *args[2:]), kwargs)
         else:
             position = _DIM_POSITION.get(name)  # self is args[0] for methods too
