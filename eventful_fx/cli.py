@@ -124,9 +124,12 @@ def _add_run(p: argparse.ArgumentParser, budgets: str = "0.25") -> None:
 def _run(args) -> int:
     import json
 
+    import torch
+
     from . import video
     from .measure import format_table, measure
 
+    torch.manual_seed(0)  # untrained weights: the same ones on every run
     try:
         model = load_model(args.model)
         budgets = [float(b) for b in str(args.budget).split(",")]
