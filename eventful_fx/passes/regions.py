@@ -42,7 +42,10 @@ class AttentionSite:
         return f"attn_{self.node.name}"
 
 
-def find_regions(gm: fx.GraphModule, infos: dict[fx.Node, NodeInfo]) -> tuple[list[Region], list[AttentionSite]]:
+def find_regions(gm: fx.GraphModule, infos: dict[fx.Node, NodeInfo],
+                 gate_after_norm: bool = False) -> tuple[list[Region], list[AttentionSite]]:
+    """Regions and attention sites. `gate_after_norm`: a norm read straight from a root stays
+    dense and its output becomes the root, so gates compare normalised tokens."""
     regions: dict[fx.Node, Region] = {}
     member_of: dict[fx.Node, Region] = {}
     sites = []
@@ -60,6 +63,8 @@ def find_regions(gm: fx.GraphModule, infos: dict[fx.Node, NodeInfo]) -> tuple[li
         if len(roots) != 1:
             continue
         root = roots.pop()
+        if gate_after_norm and info.kind == ops.NORM and all(a not in member_of for a in token_inputs):
+            continue
         root_layout = infos[root].layout
         if root_layout is None or not (root_layout.clean and root_layout.stream_major):
             continue
