@@ -21,9 +21,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.fx as fx
 
+from .cost_model.planner import Planner
 from .passes import ops
 from .passes.capture import capture
-from .passes.ops import op_kind, op_name, source_line
+from .passes.ops import op_kind, op_name, source_line, tensor_shape
 from .passes.regions import find_regions, region_macs
 from .passes.tokens import NodeInfo, TokenAnalysis
 
@@ -77,6 +78,23 @@ class AttentionSummary:
 
 
 @dataclass
+class PlanSummary:
+    """The solver's plan for one budget: what compile() would build, with its predicted cost."""
+
+    budget: float
+    attention: str
+    predicted_macs: int            # per incremental frame, gate and buffer overhead included
+    dense_macs: int
+    state_bytes: int               # gates' references, buffers, incremental attention caches
+    gates: dict[str, list[int]]    # gate -> [k, N]
+    sites: dict[str, str]          # attention site -> the mode it runs in (absent: dense)
+
+    @property
+    def fraction(self) -> float:
+        return self.predicted_macs / self.dense_macs if self.dense_macs else 1.0
+
+
+@dataclass
 class Report:
     model: str
     input_shapes: list[list[int]]
@@ -89,6 +107,9 @@ class Report:
     convertible_linear_count: int = 0
     attention_count: int = 0
     convertible_attention_count: int = 0
+    macs_expression: str = ""        # MACs of an incremental frame, one k for every gate: a·k + b·k·N + c(N)
+    token_symbols: dict[str, int] = field(default_factory=dict)  # N -> its value
+    plan: PlanSummary | None = None   # for the budget given to analyze()
     graph: fx.GraphModule | None = field(default=None, repr=False, compare=False)  # the analysed graph
 
     @property
@@ -119,6 +140,9 @@ class Report:
             "info": [asdict(r) for r in self.info],
             "regions": [asdict(r) for r in self.regions],
             "attention_sites": [asdict(a) for a in self.attention_sites],
+            "macs_expression": self.macs_expression,
+            "token_symbols": self.token_symbols,
+            "plan": asdict(self.plan) if self.plan else None,
             "rows": [asdict(r) for r in self.rows],
         }
 
@@ -134,7 +158,8 @@ class Report:
             f"linear layers: {self.linear_count} found, {self.convertible_linear_count} convertible   "
             f"attention: {self.attention_count} found, {self.convertible_attention_count} convertible   "
             f"gated regions: {len(self.regions)}",
-        ]
+        ] + ([f"cost model (one k for every gate, {_symbols(self.token_symbols)}): MACs(k) = {self.macs_expression}"]
+             if self.macs_expression else []) + ([_plan_line(self.plan)] if self.plan else [])
 
     def __str__(self) -> str:
         lines = ["eventful_fx analysis", *self._summary_lines(), ""]
@@ -158,6 +183,9 @@ class Report:
             lines += ["", "gated regions:"]
             lines += _table(["region", "nodes", "tokens", "MACs"],
                             [[r.name, str(r.nodes), str(r.tokens), _fmt_macs(r.macs)] for r in self.regions])
+        if self.plan:
+            lines += ["", f"plan for budget {self.plan.budget}:"]
+            lines += _table(["gate", "k", "N"], [[g, str(k), str(n)] for g, (k, n) in self.plan.gates.items()])
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
@@ -184,23 +212,36 @@ class Report:
         out += ["## Gated regions", ""]
         out += md(["region", "nodes", "tokens", "MACs"],
                   [[r.name, r.nodes, r.tokens, _fmt_macs(r.macs)] for r in self.regions]) if self.regions else ["None.", ""]
+        if self.plan:
+            out += [f"## Plan for budget {self.plan.budget}", ""]
+            out += md(["gate", "k", "N"], [[g, k, n] for g, (k, n) in self.plan.gates.items()])
         return "\n".join(out)
 
 
 # -- building the report -----------------------------------------------------------------
 
-def analyze(model: torch.nn.Module, example_input, *, name: str | None = None) -> Report:
-    """Capture `model` on `example_input` (a tensor or a tuple of them) and report what can run eventfully."""
+def analyze(model: torch.nn.Module, example_input, *, name: str | None = None, budget: float | None = None,
+            attention: str = "query", memory_cap_bytes: int | None = None) -> Report:
+    """Capture `model` on `example_input` (a tensor or a tuple of them) and report what can run eventfully.
+
+    With a `budget`, the report also holds the plan compile() would make for it (same `attention`
+    and `memory_cap_bytes` options): each gate's k, the predicted MACs and state memory.
+    """
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
     gm = capture(model, tuple(inputs))
     shapes = [list(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
-    return analyze_graph(gm, name=name or type(model).__name__, input_shapes=shapes)
+    return analyze_graph(gm, name=name or type(model).__name__, input_shapes=shapes, budget=budget,
+                         attention=attention, memory_cap_bytes=memory_cap_bytes)
 
 
-def analyze_graph(gm: fx.GraphModule, *, name: str = "graph", input_shapes: list | None = None) -> Report:
+def analyze_graph(gm: fx.GraphModule, *, name: str = "graph", input_shapes: list | None = None,
+                  budget: float | None = None, attention: str = "query", memory_cap_bytes: int | None = None) -> Report:
     """The report of an already captured graph (torch.export, fx or Dynamo) whose nodes carry values."""
     infos = TokenAnalysis(gm).run()
     regions, sites = find_regions(gm, infos)
+    mode = attention  # `attention` names the site summaries below
+    planner = Planner(gm, infos, regions, sites, _batch(infos, gm), attention=mode, memory_cap_bytes=memory_cap_bytes)
+    cost = planner.model(planner.candidates, planner.modes(mode))
 
     member_of = {n: r for r in regions for n in r.nodes}
     macs_of_region = {r.name: region_macs(r, infos) for r in regions}
@@ -268,8 +309,36 @@ def analyze_graph(gm: fx.GraphModule, *, name: str = "graph", input_shapes: list
         convertible_linear_count=int(convertible_linears),
         attention_count=attention_count,
         convertible_attention_count=sum(site_ok.values()),
+        macs_expression=str(cost.uniform_expr()),
+        token_symbols={str(sym): n for n, sym in cost.symbols.items()},
+        plan=_plan_summary(planner, budget, mode) if budget is not None else None,
         graph=gm,
     )
+
+
+def _batch(infos, gm: fx.GraphModule) -> int:
+    """Streams in the graph: the batch of the patch embedding (what the rewrite uses)."""
+    for node, info in infos.items():
+        if info.kind == "patch_embed":
+            return tensor_shape(node)[0]
+    shapes = [tensor_shape(n) for n in gm.graph.nodes if n.op == "placeholder"]
+    return next((s[0] for s in shapes if s), 1)
+
+
+def _plan_summary(planner: Planner, budget: float, attention: str) -> PlanSummary:
+    d = planner.plan(budget)
+    return PlanSummary(budget, attention, int(round(d.predicted_macs)), d.model.dense_macs, d.state_bytes,
+                       {g: [k, d.model.gates[g].num_tokens] for g, k in d.ks.items()}, dict(d.model.converted_sites))
+
+
+def _symbols(symbols: dict[str, int]) -> str:
+    return ", ".join(f"{s} = {n}" for s, n in symbols.items())
+
+
+def _plan_line(plan: PlanSummary) -> str:
+    return (f"plan for budget {plan.budget} ({plan.attention} attention): {plan.predicted_macs / 1e9:.3f} GMACs per "
+            f"incremental frame ({100 * plan.fraction:.1f}% of dense), {len(plan.gates)} gates, "
+            f"state {plan.state_bytes / 2**20:.1f} MiB")
 
 
 _NOT_IN_REGION = "its queries are not computed inside a gated region"

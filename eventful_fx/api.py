@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
-from .cost_model.solver import solve_uniform
+from .cost_model.planner import Decision, Planner
 from .passes.capture import capture
 from .passes.regions import find_regions
 from .passes.rewrite import ATTENTION_MODES, EventfulRewrite, Plan, RegionGate
@@ -43,20 +43,27 @@ class EventfulModule(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, budget: float = 0.25, *, policy: str = "topk",
                  threshold: float = 0.1, attention: str = "query", refresh: int | None = None,
-                 check_finite: bool = True, example_input=None):
+                 check_finite: bool = True, example_input=None, memory_cap_bytes: int | None = None,
+                 gate_after_norm: bool = False):
         super().__init__()
         _check_budget(budget)
         if policy not in ("topk", "threshold"):
             raise ValueError(f"policy must be 'topk' or 'threshold', got {policy!r}")
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        if memory_cap_bytes is not None and memory_cap_bytes < 0:
+            raise ValueError(f"memory_cap_bytes must be a number of bytes >= 0 or None, got {memory_cap_bytes!r}")
         if refresh is not None and refresh < 1:
             raise ValueError(f"refresh must be a positive number of frames or None, got {refresh!r}")
         self.model = model.eval()
         self._budget = budget
         self.policy, self.threshold, self.attention, self.refresh = policy, threshold, attention, refresh
         self.check_finite = check_finite
+        self.memory_cap_bytes = memory_cap_bytes
+        self.gate_after_norm = gate_after_norm
         self.graph_module: fx.GraphModule | None = None
+        self.planner: Planner | None = None
+        self.decision: Decision | None = None  # the structure, each gate's k, predicted MACs and state bytes
         self._signature = None
         self._frames_since_flush = 0
         self.stats = FrameStats()
@@ -73,7 +80,7 @@ class EventfulModule(torch.nn.Module):
         _check_budget(value)
         self._budget = value
         if self.graph_module is not None:
-            self._apply_plan()
+            self._apply_plan()  # same structure: new k only; a structure change rewrites (no re-capture) and flushes
 
     @property
     def plan(self) -> Plan | None:
@@ -115,12 +122,14 @@ class EventfulModule(torch.nn.Module):
     def _build(self, inputs: tuple) -> None:
         gm = capture(self.model, inputs)
         infos = TokenAnalysis(gm).run()
-        regions, sites = find_regions(gm, infos)
-        self._captured = (gm, infos, regions, sites, _batch_size(infos, inputs))
+        regions, sites = find_regions(gm, infos, gate_after_norm=self.gate_after_norm)
+        batch = _batch_size(infos, inputs)
+        self._captured = (gm, infos, regions, sites, batch)
         self._dense_macs = sum(i.macs for i in infos.values())
         self._signature = tuple(_signature(x) for x in inputs)
-        gated = [r for r in regions if any(infos[n].macs for n in r.nodes) or _feeds_attention(r, sites)]
-        self._rewrite(Plan(gates={r.name: TopK(1) for r in gated}, attention={s.name: self.attention for s in sites}))
+        self.planner = Planner(gm, infos, regions, sites, batch, attention=self.attention,
+                               memory_cap_bytes=self.memory_cap_bytes)
+        self.graph_module = None
         self._apply_plan()
 
     def _rewrite(self, plan: Plan) -> None:
@@ -137,17 +146,25 @@ class EventfulModule(torch.nn.Module):
         return [] if self.graph_module is None else [m for m in self.graph_module.modules() if isinstance(m, StatefulOp)]
 
     def _apply_plan(self) -> None:
+        """Plan for the current budget; rewrite only when the structure (gated regions, attention modes) changes."""
+        decision = self.planner.plan(self._budget)
+        if not decision.feasible:
+            warnings.warn(f"eventful_fx: budget {self._budget} is below what this model can reach (every gate at its "
+                          f"least k predicts {decision.predicted_macs / self._dense_macs:.3f} of the dense MACs)",
+                          stacklevel=3)
+        if self.graph_module is None or self.decision is None or decision.key != self.decision.key:
+            self._rewrite(Plan(gates={name: TopK(1) for name in decision.gated}, attention=decision.attention))
+        self.decision = decision
         gates = self._gates()
-        gm = self.graph_module
         if self.policy == "threshold":
             policies = {name: Threshold(self.threshold) for name in gates}
         else:
-            ks = solve_uniform(self._budget, self._dense_macs, gm.dense_macs_static, gm.cost_terms,
-                               {name: g.num_tokens for name, g in gates.items()})
-            policies = {name: TopK(k) for name, k in ks.items()}
+            policies = {name: TopK(decision.ks[name]) for name in gates}
         for name, gate in gates.items():
             gate.policy = policies[name]
-        self._plan = Plan(gates=policies, attention=self._plan.attention)
+        sites = self._captured[3]
+        self._plan = Plan(gates=policies, attention={s.name: decision.model.converted_sites.get(s.name, "dense")
+                                                     for s in sites})
 
     def _update_stats(self, flush: bool) -> None:
         gm = self.graph_module
@@ -161,11 +178,6 @@ class EventfulModule(torch.nn.Module):
             overhead += module.overhead_macs
         self.stats = FrameStats(macs=int(round(macs)) + overhead, dense_macs=self._dense_macs, overhead_macs=overhead,
                                 tokens={name: g.last_k for name, g in gates.items()}, flush=flush)
-
-
-def _feeds_attention(region, sites) -> bool:
-    members = set(region.nodes)
-    return any(s.q in members for s in sites)
 
 
 def _batch_size(infos, inputs) -> int:

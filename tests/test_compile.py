@@ -199,3 +199,16 @@ def test_new_shape_or_batch_recaptures_with_warning(clip):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         emodel(x[1:].double())  # same signature as the last call: no new capture
+
+
+def test_gate_after_norm_is_exact_at_budget_one(clip):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224").eval()
+    before, after = (eventful_fx.compile(model, budget=1.0, gate_after_norm=g) for g in (False, True))
+    for frame in clip[:4]:
+        with torch.no_grad():
+            dense = model(frame[None])
+        assert rel_err(after(frame[None]), dense) <= 1e-4
+        before(frame[None])
+    roots = lambda m: {n for n in m.plan.gates}  # noqa: E731
+    assert any("layer_norm" in n for n in roots(after)) and not any("layer_norm" in n for n in roots(before))

@@ -117,8 +117,6 @@ class EventfulRewrite:
         self.region_macs: dict[str, int] = {}       # region name -> MACs of the region when dense
         self.attention_modules: list[str] = []
         self.dense_macs_static = 0
-        # MACs of an incremental frame, per region: a + b * k for that region's gate k
-        self.cost_terms: list[tuple[str, int, float]] = []
         self.region_of_idx: dict[fx.Node, str] = {}
         self.k_nodes: dict[fx.Node, fx.Node] = {}
         self.gm = gm
@@ -134,8 +132,6 @@ class EventfulRewrite:
                 delattr(gm, name)
         out.region_macs = self.region_macs
         out.dense_macs_static = self.dense_macs_static
-        out.cost_terms = self.cost_terms + [(name, 0, macs / self.modules[name].num_tokens)
-                                            for name, macs in self.region_macs.items()]
         return out
 
     # -- values ---------------------------------------------------------------------------
@@ -146,7 +142,6 @@ class EventfulRewrite:
         name = f"buf_{node.name}"
         shape = tensor_shape(node)
         self.modules[name] = RegionBuffer(shape, layout.dims[0], layout.dims[-1] + 1)
-        self.cost_terms.append((self.region_of_idx[idx], 0, math.prod(shape) / self.modules[name].num_tokens))
         self.env[node] = self.graph.call_module(name, (data, idx))
         return self.env[node]
 
@@ -183,10 +178,8 @@ class EventfulRewrite:
         layout = self.infos[root].layout
         name = region.name
         shape = tensor_shape(root)
-        gate = self.modules[name] = RegionGate(self.plan.gates[name], shape, layout.dims[0], layout.dims[-1] + 1,
+        self.modules[name] = RegionGate(self.plan.gates[name], shape, layout.dims[0], layout.dims[-1] + 1,
                                                self.batch, always=layout.extra)
-        channels = math.prod(shape) // (self.batch * gate.num_tokens)
-        self.cost_terms.append((name, self.batch * gate.num_tokens * channels, 2 * self.batch * channels))
         out = self.graph.call_module(name, (self.full(root),))
         idx = self.graph.call_function(operator.getitem, (out, 0))
         data = self.graph.call_function(operator.getitem, (out, 1))
@@ -293,29 +286,34 @@ class EventfulRewrite:
         q, k, v = site.q, site.k, site.v
         if mode == "dense" or site.reason is not None or q not in self.sparse:
             return False
-        attn_mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
-        is_causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)
-        dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
-        scale = node.kwargs.get("scale", None)
-        if is_causal or dropout or len(tensor_shape(q)) != 4:
+        args = gateable_sdpa_args(node)
+        if args is None:
             return False
+        attn_mask, scale = args
         q_data, idx, q_layout = self.sparse[q]
         mask = self.full(attn_mask) if isinstance(attn_mask, fx.Node) else attn_mask
         name = site.name
-        (batch, heads, n, d), dv = tensor_shape(k), tensor_shape(v)[-1]
-        region = self.region_of_idx[idx]
         if mode == "incremental" and k in self.sparse and v in self.sparse and \
                 self.sparse[k][1] is idx and self.sparse[v][1] is idx:
             self.modules[name] = IncrementalAttention(tensor_shape(k)[-2])
             self.env[node] = self.graph.call_module(name, (q_data, self.sparse[k][0], self.sparse[v][0], idx, mask, scale))
-            self.cost_terms.append((region, 0, batch * heads * (n * (2 * d + 3 * dv) + 3 * n + 2 * d + 3 * dv + 2)))
         else:
             self.modules[name] = QueryGatedAttention()
             out = self.graph.call_module(name, (q_data, self.full(k), self.full(v), idx, mask, scale))
             self.sparse[node] = (out, idx, self.infos[node].layout)
-            self.cost_terms.append((region, 0, batch * heads * n * (d + dv)))
         self.attention_modules.append(name)
         return True
+
+
+def gateable_sdpa_args(node: fx.Node) -> tuple | None:
+    """(attn_mask, scale) of an SDPA node that a gated attention mode can run; None if it cannot."""
+    q = node.args[0]
+    attn_mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+    dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+    is_causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)
+    if is_causal or dropout or len(tensor_shape(q)) != 4:
+        return None
+    return attn_mask, node.kwargs.get("scale", None)
 
 
 def _remap_dims(dims, layout: TokenLayout, ndim: int):

@@ -1,0 +1,205 @@
+"""The static cost model and the budget solver, checked against what the runtime counts on real models.
+
+Predictions are compared with `emodel.stats` (the MACs the runtime ops count on a frame) and
+`emodel.state_bytes()` (the tensors they hold), never with numbers of the cost model itself.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import sympy
+import timm
+import torch
+import torchvision
+
+import eventful_fx
+from eventful_fx.analysis import analyze_graph
+from eventful_fx.video import builtin_clip
+
+
+def _tv_vit():
+    model = torchvision.models.vit_b_16(weights=None)
+    model.heads = torch.nn.Identity()  # its zero-initialised head would make every output 0
+    return model
+
+
+MODELS = {
+    "vit_base_patch16_224": (lambda: timm.create_model("vit_base_patch16_224"), 224),
+    "samvit_base_patch16@448": (lambda: timm.create_model("samvit_base_patch16", img_size=448), 448),
+    "torchvision_vit_b_16": (_tv_vit, 224),
+}
+
+
+def rel_err(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """One capture per model, shared by the tests below (capture is the slow part)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            torch.manual_seed(0)
+            make, size = MODELS[name]
+            frames = builtin_clip(size=size, max_frames=2)
+            model = make().eval()
+            cache[name] = (model, eventful_fx.compile(model, budget=0.25, example_input=frames[:1]), frames)
+        return cache[name]
+    return get
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_dense_expression_and_runtime_counts(name, compiled):
+    model, emodel, frames = compiled(name)
+    gm, infos, regions, sites, batch = emodel._captured
+    report = analyze_graph(gm)
+    cm = emodel.decision.model
+    assert cm.dense_expr().free_symbols, "the dense MACs should be an expression of the token count"
+    assert cm.dense_expr().subs(cm.values) == report.dense_macs  # exact: integers, no rounding
+    emodel.reset()
+    emodel(frames[0][None])
+    emodel(frames[1][None])
+    stats = emodel.stats
+    assert not stats.flush and stats.dense_macs == report.dense_macs
+    predicted = emodel.decision.predicted_macs
+    print(f"{name}: predicted {predicted:.0f} MACs, runtime counted {stats.macs} "
+          f"({100 * (predicted / stats.macs - 1):+.4f}%), state {emodel.decision.state_bytes} B")
+    assert abs(predicted - stats.macs) <= 0.01 * stats.macs
+    assert emodel.decision.state_bytes == emodel.state_bytes()
+    # the symbolic total with one k for every gate, evaluated, is the same prediction
+    k = sympy.Symbol("k", nonnegative=True)
+    if len(set(emodel.decision.ks.values())) == 1:
+        value = cm.uniform_expr().subs(cm.values).subs(k, next(iter(emodel.decision.ks.values())))
+        assert abs(float(value) - predicted) <= 1e-6 * predicted
+
+
+@pytest.mark.parametrize("attention", ["incremental", "dense"])
+def test_attention_modes_predicted(attention):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224").eval()
+    frames = builtin_clip(size=224, max_frames=2)
+    emodel = eventful_fx.compile(model, budget=0.3, attention=attention)
+    emodel(frames[0][None])
+    emodel(frames[1][None])
+    modes = set(emodel.plan.attention.values())
+    assert modes == {attention}
+    assert abs(emodel.decision.predicted_macs - emodel.stats.macs) <= 0.01 * emodel.stats.macs
+    assert emodel.decision.state_bytes == emodel.state_bytes()
+
+
+def test_budget_sweep_stays_in_band(compiled):
+    model, emodel, frames = compiled("vit_base_patch16_224")
+    dense = emodel.stats.dense_macs or emodel._dense_macs
+    for budget in [0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]:
+        emodel.budget = budget
+        predicted = emodel.decision.predicted_macs
+        assert 0.9 * budget * dense <= predicted <= budget * dense, (budget, predicted / dense)
+    emodel.budget = 1.0
+    cm = emodel.decision.model
+    assert emodel.decision.ks == {g: cm.gates[g].num_tokens for g in cm.gates}
+    emodel.budget = 0.25
+
+
+def test_replan_is_fast_and_keeps_the_graph(compiled):
+    model, emodel, frames = compiled("vit_base_patch16_224")
+    emodel.budget = 0.3
+    emodel.reset()
+    emodel(frames[0][None])
+    graph = emodel.graph_module
+    times = []
+    for budget in [0.2, 0.25, 0.3, 0.35, 0.4, 0.3, 0.2, 0.45, 0.25, 0.3]:
+        start = time.perf_counter()
+        emodel.budget = budget
+        times.append(time.perf_counter() - start)
+    print(f"re-plan: median {1e3 * statistics.median(times):.2f} ms, max {1e3 * max(times):.2f} ms")
+    assert statistics.median(times) < 0.05
+    assert emodel.graph_module is graph  # same structure: only the gates' k changed
+    emodel(frames[1][None])
+    assert not emodel.stats.flush and abs(emodel.stats.fraction - 0.3) <= 0.01
+
+
+def test_structure_change_rewrites_and_flushes():
+    """At 0.99 most gates would keep nearly all their tokens: their regions cost less run densely, so they go."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224").eval()
+    frames = builtin_clip(size=224, max_frames=4)
+    emodel = eventful_fx.compile(model, budget=0.5, attention="dense")
+    emodel(frames[0][None])
+    emodel(frames[1][None])
+    graph, gates = emodel.graph_module, set(emodel.plan.gates)
+    emodel.budget = 0.99
+    assert emodel.graph_module is not graph and set(emodel.plan.gates) < gates
+    with torch.no_grad():
+        dense = model(frames[2][None])
+    out = emodel(frames[2][None])
+    assert emodel.stats.flush and rel_err(out, dense) <= 1e-5  # the new graph's first frame is a flush
+    emodel(frames[3][None])
+    assert abs(emodel.decision.predicted_macs - emodel.stats.macs) <= 0.01 * emodel.stats.macs
+    assert emodel.stats.macs <= 0.99 * emodel.stats.dense_macs
+
+
+def test_memory_cap():
+    """Under the cap incremental attention falls back to query-gated, then the least useful gates go."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224").eval()
+    frames = builtin_clip(size=224, max_frames=2)
+    free = eventful_fx.compile(model, budget=0.5, attention="incremental", example_input=frames[:1])
+    query = eventful_fx.compile(model, budget=0.5, attention="query", example_input=frames[:1])
+    cap = int(0.8 * query.decision.state_bytes)
+    capped = eventful_fx.compile(model, budget=0.5, attention="incremental", memory_cap_bytes=cap)
+    for frame in frames:
+        capped(frame[None])
+    assert capped.state_bytes() <= cap < free.decision.state_bytes
+    assert capped.decision.state_bytes == capped.state_bytes()
+    assert set(capped.plan.attention.values()) <= {"query", "dense"}
+    assert capped.decision.feasible and capped.stats.macs <= 0.5 * capped.stats.dense_macs
+
+
+def _clip_error(emodel, frames, dense):
+    emodel.reset()
+    errors, macs = [], []
+    for frame, reference in zip(frames, dense):
+        out = emodel(frame[None])
+        if not emodel.stats.flush:
+            errors.append(rel_err(out, reference))
+            macs.append(emodel.stats.macs)
+    return sum(errors) / len(errors), sum(macs) / len(macs)
+
+
+def test_solver_beats_uniform_at_equal_macs():
+    """Query-gated attention chains the gates: a token the first gate skips stays stale in every later block."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224").eval()
+    frames = builtin_clip(size=224, max_frames=8)
+    with torch.no_grad():
+        dense = [model(f[None]) for f in frames]
+    emodel = eventful_fx.compile(model, budget=0.25, example_input=frames[:1])
+    graph = emodel.graph_module
+    solver_error, solver_macs = _clip_error(emodel, frames, dense)
+    emodel.planner.objective = "uniform"
+    budget = 0.25
+    while True:  # the uniform plan with at least the solver's MACs (one k for all moves in coarse steps)
+        emodel.budget = budget
+        if emodel.decision.predicted_macs >= solver_macs:
+            break
+        budget += 0.001
+    assert emodel.graph_module is graph and len(set(emodel.plan.gates.values())) == 1
+    uniform_error, uniform_macs = _clip_error(emodel, frames, dense)
+    print(f"vit_small @0.25: solver error {solver_error:.4f} at {solver_macs:.4e} MACs; "
+          f"uniform {uniform_error:.4f} at {uniform_macs:.4e} MACs")
+    assert solver_macs <= uniform_macs
+    assert solver_error < 0.85 * uniform_error
+
+
+def test_analyze_shows_symbolic_total_and_plan():
+    model = timm.create_model("vit_tiny_patch16_224").eval()
+    report = eventful_fx.analyze(model, torch.randn(1, 3, 224, 224), budget=0.25)
+    text = str(report)
+    assert "MACs(k) =" in text and "N*k" in report.macs_expression
+    assert report.plan is not None and 0.9 * 0.25 <= report.plan.fraction <= 0.25
+    assert report.plan.state_bytes > 0 and "plan for budget 0.25" in text
+    assert report.to_dict()["plan"]["gates"]
