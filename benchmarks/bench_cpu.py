@@ -27,9 +27,12 @@ def main() -> None:
     parser.add_argument("--budgets", default="1.0,0.5,0.25,0.125")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--attention", default="query")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_cpu.json"))
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
     for name in args.models.split(","):
