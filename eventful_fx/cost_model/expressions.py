@@ -325,9 +325,7 @@ class _Walk:
         site = self.sites[node]
         mode = self.cm.attention.get(site.name, "dense")
         q, k, v = site.q, site.k, site.v
-        if mode == "dense" or site.reason is not None or q not in self.sparse:
-            return False
-        args = gateable_sdpa_args(node)
+        args = gateable_sdpa_args(site, mode, self.sparse)
         if args is None:
             return False
         attn_mask = args[0]

@@ -284,9 +284,7 @@ class EventfulRewrite:
         site = self.sites[node]
         mode = self.plan.attention.get(site.name, "dense")
         q, k, v = site.q, site.k, site.v
-        if mode == "dense" or site.reason is not None or q not in self.sparse:
-            return False
-        args = gateable_sdpa_args(node)
+        args = gateable_sdpa_args(site, mode, self.sparse)
         if args is None:
             return False
         attn_mask, scale = args
@@ -305,9 +303,11 @@ class EventfulRewrite:
         return True
 
 
-def gateable_sdpa_args(node: fx.Node) -> tuple | None:
-    """(attn_mask, scale) of an SDPA node that a gated attention mode can run; None if it cannot."""
-    q = node.args[0]
+def gateable_sdpa_args(site: AttentionSite, mode: str, sparse) -> tuple | None:
+    """(attn_mask, scale) of an attention site a gated mode can run (its queries are in `sparse`); else None."""
+    node, q = site.node, site.q
+    if mode == "dense" or site.reason is not None or q not in sparse:
+        return None
     attn_mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
     dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
     is_causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)
