@@ -70,7 +70,8 @@ _register(NOOP, "_assert_tensor_metadata", "sym_size", "size", "dim", "_assert_s
 _register(CREATE, "arange", "zeros", "ones", "full", "empty", "scalar_tensor", "tensor", "zeros_like", "ones_like",
           "linspace", "randn", "rand")
 
-_INPLACE_ALIASES = {"iadd": "add", "imul": "mul", "relu_": "relu", "silu_": "silu", "dropout_": "dropout",
+# Spellings of the same op: in-place variants, operator dunders, synonyms.
+_ALIASES = {"iadd": "add", "imul": "mul", "relu_": "relu", "silu_": "silu", "dropout_": "dropout",
                     "truediv": "div", "true_divide": "div", "concat": "cat", "concatenate": "cat",
                     "swapaxes": "transpose", "swapdims": "transpose"}
 
@@ -94,7 +95,7 @@ def op_name(node: fx.Node) -> str | None:
         name = getattr(target, "__name__", str(target))
     if name.startswith("__") and name.endswith("__"):  # operator dunders from Dynamo: __add__ -> add
         name = name.strip("_")
-    return _INPLACE_ALIASES.get(name, name)
+    return _ALIASES.get(name, name)
 
 
 def op_kind(node: fx.Node) -> str | None:

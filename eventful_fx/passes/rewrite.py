@@ -106,16 +106,13 @@ class EventfulRewrite:
         self.regions = [r for r in regions if r.name in plan.gates]
         self.member_of = {n: r for r in self.regions for n in r.nodes}
         self.sites = {s.node: s for s in sites}
-        self.region_of_root = {r.root: r for r in self.regions}
 
     def call(self, gm: fx.GraphModule) -> fx.GraphModule:
         self.graph = fx.Graph()
         self.modules: dict[str, torch.nn.Module] = {}
         self.env: dict[fx.Node, fx.Node] = {}       # old node -> new node holding its full value
         self.sparse: dict[fx.Node, tuple] = {}      # old node -> (new data node, idx node, layout)
-        self.idx: dict[str, fx.Node] = {}           # region name -> its idx node
         self.region_macs: dict[str, int] = {}       # region name -> MACs of the region when dense
-        self.attention_modules: list[str] = []
         self.dense_macs_static = 0
         self.region_of_idx: dict[fx.Node, str] = {}
         self.k_nodes: dict[fx.Node, fx.Node] = {}
@@ -183,7 +180,6 @@ class EventfulRewrite:
         out = self.graph.call_module(name, (self.full(root),))
         idx = self.graph.call_function(operator.getitem, (out, 0))
         data = self.graph.call_function(operator.getitem, (out, 1))
-        self.idx[name] = idx
         self.region_of_idx[idx] = name
         self.sparse[root] = (data, idx, layout)
         return self.sparse[root]
@@ -299,7 +295,6 @@ class EventfulRewrite:
             self.modules[name] = QueryGatedAttention()
             out = self.graph.call_module(name, (q_data, self.full(k), self.full(v), idx, mask, scale))
             self.sparse[node] = (out, idx, self.infos[node].layout)
-        self.attention_modules.append(name)
         return True
 
 
