@@ -212,3 +212,21 @@ def test_gate_after_norm_is_exact_at_budget_one(clip):
         before(frame[None])
     roots = lambda m: {n for n in m.plan.gates}  # noqa: E731
     assert any("layer_norm" in n for n in roots(after)) and not any("layer_norm" in n for n in roots(before))
+
+
+def test_reset_of_one_stream_flushes_only_that_stream(clip):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224").eval()
+    other = clip.flip(-1)
+    batched, alone = eventful_fx.compile(model, budget=0.3), eventful_fx.compile(model, budget=0.3)
+    for t in range(5):
+        if t == 3:
+            batched.reset(streams=[1])
+        out = batched(torch.stack([clip[t], other[t]]))
+        assert rel_err(out[0], alone(clip[t][None])[0]) <= 1e-4  # stream 0 never notices
+        if t == 3:
+            with torch.no_grad():
+                assert rel_err(out[1], model(other[t][None])[0]) <= 1e-5  # stream 1 was flushed
+        elif t > 0:
+            with torch.no_grad():
+                assert rel_err(out[1], model(other[t][None])[0]) > 1e-4
