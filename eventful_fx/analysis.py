@@ -24,7 +24,7 @@ import torch.fx as fx
 from .cost_model.planner import Planner
 from .passes import ops
 from .passes.capture import capture
-from .passes.ops import op_kind, op_name, source_line, tensor_shape
+from .passes.ops import node_value, op_kind, op_name, source_line, tensor_shape
 from .passes.regions import find_regions, region_macs
 from .passes.tokens import NodeInfo, TokenAnalysis
 
@@ -234,9 +234,28 @@ def analyze(model: torch.nn.Module, example_input, *, name: str | None = None, b
                          attention=attention, memory_cap_bytes=memory_cap_bytes)
 
 
+# Torch-level calls that hide token-wise layers and attention inside one node (Dynamo keeps
+# F.multi_head_attention_forward whole); torch.export traces through them.
+_FUSED_CALLS = ("multi_head_attention_forward",)
+
+
+def expand_fused_calls(gm: fx.GraphModule) -> fx.GraphModule:
+    """Re-capture a graph with torch.export when it holds fused calls; its inputs only lend their shapes."""
+    if not any(op_name(n) in _FUSED_CALLS for n in gm.graph.nodes):
+        return gm
+    inputs = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            value = node_value(node)
+            inputs.append(torch.randn(value.shape, dtype=value.dtype) if value.is_floating_point()
+                          else torch.zeros(value.shape, dtype=value.dtype))
+    return capture(gm, tuple(inputs))
+
+
 def analyze_graph(gm: fx.GraphModule, *, name: str = "graph", input_shapes: list | None = None,
                   budget: float | None = None, attention: str = "query", memory_cap_bytes: int | None = None) -> Report:
     """The report of an already captured graph (torch.export, fx or Dynamo) whose nodes carry values."""
+    gm = expand_fused_calls(gm)
     infos = TokenAnalysis(gm).run()
     regions, sites = find_regions(gm, infos)
     mode = attention  # `attention` names the site summaries below
