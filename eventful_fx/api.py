@@ -138,12 +138,15 @@ class EventfulModule(torch.nn.Module):
         self.graph_module = EventfulRewrite(infos, regions, sites, plan, batch).call(gm)
         self._plan = plan
         self._frames_since_flush = 0
+        # looked up once per rewrite, not per frame: stats read every gate and stateful op after each call
+        self._gate_modules = {name: m for name, m in self.graph_module.named_children() if isinstance(m, RegionGate)}
+        self._stateful_modules = [m for m in self.graph_module.modules() if isinstance(m, StatefulOp)]
 
     def _gates(self) -> dict[str, RegionGate]:
-        return {name: m for name, m in self.graph_module.named_children() if isinstance(m, RegionGate)}
+        return self._gate_modules
 
     def _stateful(self):
-        return [] if self.graph_module is None else [m for m in self.graph_module.modules() if isinstance(m, StatefulOp)]
+        return [] if self.graph_module is None else self._stateful_modules
 
     def _apply_plan(self) -> None:
         """Plan for the current budget; rewrite only when the structure (gated regions, attention modes) changes."""
