@@ -21,6 +21,7 @@ from .passes.regions import find_regions
 from .passes.rewrite import ATTENTION_MODES, EventfulRewrite, Plan, RegionGate
 from .passes.tokens import TokenAnalysis
 from .runtime import StatefulOp, Threshold, TopK
+from .runtime.linear import KERNELS
 
 
 @dataclass
@@ -44,7 +45,7 @@ class EventfulModule(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, budget: float = 0.25, *, policy: str = "topk",
                  threshold: float = 0.1, attention: str = "query", refresh: int | None = None,
                  check_finite: bool = True, example_input=None, memory_cap_bytes: int | None = None,
-                 gate_after_norm: bool = False):
+                 gate_after_norm: bool = False, linear_kernel: str = "auto", state_dtype: torch.dtype | None = None):
         super().__init__()
         _check_budget(budget)
         if policy not in ("topk", "threshold"):
@@ -53,6 +54,10 @@ class EventfulModule(torch.nn.Module):
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         if memory_cap_bytes is not None and memory_cap_bytes < 0:
             raise ValueError(f"memory_cap_bytes must be a number of bytes >= 0 or None, got {memory_cap_bytes!r}")
+        if linear_kernel not in KERNELS:
+            raise ValueError(f"linear_kernel must be one of {KERNELS}, got {linear_kernel!r}")
+        if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
+            raise ValueError(f"state_dtype must be a floating torch.dtype (e.g. torch.float16) or None, got {state_dtype!r}")
         if refresh is not None and refresh < 1:
             raise ValueError(f"refresh must be a positive number of frames or None, got {refresh!r}")
         self.model = model.eval()
@@ -61,6 +66,8 @@ class EventfulModule(torch.nn.Module):
         self.check_finite = check_finite
         self.memory_cap_bytes = memory_cap_bytes
         self.gate_after_norm = gate_after_norm
+        self.linear_kernel = linear_kernel
+        self.state_dtype = state_dtype
         self.graph_module: fx.GraphModule | None = None
         self.planner: Planner | None = None
         self.decision: Decision | None = None  # the structure, each gate's k, predicted MACs and state bytes
@@ -128,14 +135,15 @@ class EventfulModule(torch.nn.Module):
         self._dense_macs = sum(i.macs for i in infos.values())
         self._signature = tuple(_signature(x) for x in inputs)
         self.planner = Planner(gm, infos, regions, sites, batch, attention=self.attention,
-                               memory_cap_bytes=self.memory_cap_bytes)
+                               memory_cap_bytes=self.memory_cap_bytes, state_dtype=self.state_dtype)
         self.graph_module = None
         self._apply_plan()
 
     def _rewrite(self, plan: Plan) -> None:
         """Build the eventful graph for a plan's structure (which gates, which attention modes): no re-capture."""
         gm, infos, regions, sites, batch = self._captured
-        self.graph_module = EventfulRewrite(infos, regions, sites, plan, batch).call(gm)
+        self.graph_module = EventfulRewrite(infos, regions, sites, plan, batch, self.linear_kernel,
+                                            self.state_dtype).call(gm)
         self._plan = plan
         self._frames_since_flush = 0
         # looked up once per rewrite, not per frame: stats read every gate and stateful op after each call

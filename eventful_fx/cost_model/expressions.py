@@ -19,7 +19,7 @@ Channel sizes enter as the integers the weights fix; token counts as symbols (`N
 `N_<count>` when a graph has several token spaces) with their values in `values`; each
 gate's k as the symbol `k_<gate>`. Memory: a gate holds its input (B·N·C), a buffer its
 full value, incremental attention Q, K, V, exp(QKᵀ) (N² per head), U = E·V, row sums and
-stabilisers; all in bytes of the value's dtype. Nothing here reads a tensor's values.
+stabilisers; all in bytes of the value's dtype (gates and buffers: of the state dtype, if one is set). Nothing here reads a tensor's values.
 """
 from __future__ import annotations
 
@@ -29,12 +29,13 @@ from fractions import Fraction
 
 import numpy as np
 import sympy
+import torch
 import torch.fx as fx
 
 from ..passes import ops
 from ..passes.ops import node_value, op_kind, tensor_shape
 from ..passes.regions import AttentionSite, Region
-from ..passes.rewrite import gateable_sdpa_args
+from ..passes.rewrite import gateable_sdpa_args, joinable
 from ..passes.tokens import NodeInfo
 
 _MIXED = "<mixed>"  # changes from the input frame or a token-mixing node: anywhere
@@ -174,22 +175,27 @@ class CostModel:
 
 def build_cost_model(gm: fx.GraphModule, infos: dict[fx.Node, NodeInfo], regions: list[Region],
                      sites: list[AttentionSite], batch: int, gated: set[str] | frozenset[str],
-                     attention: dict[str, str]) -> CostModel:
-    """The cost model of the eventful graph the rewrite builds for (gated regions, attention modes)."""
-    return _Walk(gm, infos, regions, sites, batch, frozenset(gated), attention).run()
+                     attention: dict[str, str], state_dtype: torch.dtype | None = None) -> CostModel:
+    """The cost model of the eventful graph the rewrite builds for (gated regions, attention modes).
+
+    `state_dtype`: the dtype gates and buffers keep their state in (None: each value's own).
+    """
+    return _Walk(gm, infos, regions, sites, batch, frozenset(gated), attention, state_dtype).run()
 
 
 class _Walk:
     """Mirrors `EventfulRewrite._visit` on statuses only: sparse (on a gate's tokens) or full."""
 
-    def __init__(self, gm, infos, regions, sites, batch, gated, attention):
+    def __init__(self, gm, infos, regions, sites, batch, gated, attention, state_dtype=None):
         self.gm, self.infos, self.batch = gm, infos, batch
+        self.state_size = None if state_dtype is None else state_dtype.itemsize
         self.regions = [r for r in regions if r.name in gated]
         self.member_of = {n: r for r in self.regions for n in r.nodes}
         self.sites = {s.node: s for s in sites}
         self.cm = CostModel(gated, attention)
         self.sparse: dict[fx.Node, tuple[str, object]] = {}  # node -> (gate, layout)
         self.buffered: set[fx.Node] = set()
+        self.joined: set[fx.Node] = set()
         self.sources: dict[fx.Node, frozenset] = {}  # node -> gates (or _MIXED) its changes come from
         self.B = sympy.Integer(batch)
         # token counts of the gates' roots become symbols; the most common one is `N`
@@ -248,11 +254,12 @@ class _Walk:
         per_token = math.prod(shape) // n
         k = self.cm.k[gate]
         self.add("buffer", f"buf_{node.name}", gate, 0, per_token, per_token * k)
-        self.memory(f"buf_{node.name}", gate, math.prod(shape), _element_size(node), per_token * self.tokens(n))
+        self.memory(f"buf_{node.name}", gate, math.prod(shape), self.state_size or _element_size(node),
+                    per_token * self.tokens(n))
 
     def region_input(self, region: Region) -> str:
         root = region.root
-        if root in self.sparse:  # after query-gated attention: runs on its queries' gate
+        if root in self.sparse and root not in self.joined:  # after query-gated attention: runs on its queries' gate
             gate = self.sparse[root][0]
             if region.name not in self.cm.gates[gate].regions:
                 self.cm.gates[gate].regions.append(region.name)
@@ -270,8 +277,9 @@ class _Walk:
         N, C, B = self.tokens(n), sympy.Integer(channels), self.B
         self.full(root)
         self.add("gate", name, name, self.batch * n * channels, 2 * self.batch * channels, B * N * C + 2 * B * C * k)
-        self.memory(name, name, math.prod(shape), _element_size(root), B * N * C)
+        self.memory(name, name, math.prod(shape), self.state_size or _element_size(root), B * N * C)
         self.sparse[root] = (name, layout)
+        self.joined.discard(root)
         return name
 
     # -- the walk ---------------------------------------------------------------------------
@@ -291,8 +299,11 @@ class _Walk:
             if node in self.sites and self.attention_site(node):
                 continue
             region = self.member_of.get(node)
-            if region is not None:
-                gate = self.region_input(region)
+            gate = None if region is not None else joinable(node, self.infos, self.sparse.get)
+            if region is not None or gate is not None:
+                if gate is not None:
+                    self.joined.add(node)
+                gate = gate or self.region_input(region)
                 macs = int(self.infos[node].macs)
                 n = cm.gates[gate].num_tokens
                 cm.gates[gate].dense_macs += macs

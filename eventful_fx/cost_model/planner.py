@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import torch.fx as fx
 
 from ..passes.regions import AttentionSite, Region
@@ -47,8 +48,9 @@ class Decision:
 class Planner:
     def __init__(self, gm: fx.GraphModule, infos: dict[fx.Node, NodeInfo], regions: list[Region],
                  sites: list[AttentionSite], batch: int, attention: str = "query",
-                 memory_cap_bytes: int | None = None, weights: str = "cascade"):
+                 memory_cap_bytes: int | None = None, weights: str = "cascade", state_dtype: torch.dtype | None = None):
         self.gm, self.infos, self.regions, self.sites, self.batch = gm, infos, regions, sites, batch
+        self.state_dtype = state_dtype
         self.attention = attention
         self.memory_cap_bytes = memory_cap_bytes
         self.weights = weights
@@ -63,7 +65,7 @@ class Planner:
         key = (gated, tuple(sorted(attention.items())))
         if key not in self._models:
             self._models[key] = build_cost_model(self.gm, self.infos, self.regions, self.sites, self.batch,
-                                                 gated, attention)
+                                                 gated, attention, self.state_dtype)
         return self._models[key]
 
     def solver(self, cm: CostModel) -> BudgetSolver:

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..runtime import QueryGatedAttention, IncrementalAttention, TokenBuffer, TokenGate, gather_tokens
+from ..runtime.linear import SparseLinear
 from ..runtime.policy import Policy
 from . import ops
 from .ops import op_kind, op_name, tensor_shape
@@ -36,8 +37,9 @@ class Plan:
 class RegionGate(TokenGate):
     """A token gate reading a region's root in its own layout (token run `t0:t1` of `shape`)."""
 
-    def __init__(self, policy: Policy, shape: tuple[int, ...], t0: int, t1: int, batch: int, always=()):
-        super().__init__(policy, always)
+    def __init__(self, policy: Policy, shape: tuple[int, ...], t0: int, t1: int, batch: int, always=(),
+                 state_dtype: torch.dtype | None = None):
+        super().__init__(policy, always, state_dtype)
         self.shape, self.t0, self.t1, self.batch = shape, t0, t1, batch
         self.num_tokens = math.prod(shape[t0:t1])
         self.per_stream = math.prod(shape[:t0]) // batch  # prefix rows of one stream (1 unless heads)
@@ -59,16 +61,13 @@ class RegionGate(TokenGate):
 class RegionBuffer(TokenBuffer):
     """A token buffer holding a region value in its own layout: writes the k fresh tokens, returns the full value."""
 
-    def __init__(self, shape: tuple[int, ...], t0: int, t1: int):
-        super().__init__(math.prod(shape[t0:t1]))
+    def __init__(self, shape: tuple[int, ...], t0: int, t1: int, state_dtype: torch.dtype | None = None):
+        super().__init__(math.prod(shape[t0:t1]), state_dtype)
         self.shape, self.t0 = shape, t0
         self.rows, self.channels = math.prod(shape[:t0]), math.prod(shape[t1:])
 
     def forward(self, fresh: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        fresh = fresh.reshape(self.rows, fresh.shape[self.t0], self.channels)
-        if self.rows != idx.shape[0]:  # heads or other per-stream rows share their stream's tokens
-            idx = idx.repeat_interleave(self.rows // idx.shape[0], 0)
-        return super().forward(fresh, idx).view(self.shape)
+        return super().forward(fresh.reshape(self.rows, fresh.shape[self.t0], self.channels), idx).view(self.shape)
 
 
 def _collapse_dim(d: int, layout: TokenLayout, ndim: int) -> int:
@@ -101,8 +100,9 @@ class EventfulRewrite:
     """The pass: `call(gm)` returns the eventful GraphModule; its modules hold all state."""
 
     def __init__(self, infos: dict[fx.Node, NodeInfo], regions: list[Region], sites: list[AttentionSite],
-                 plan: Plan, batch: int):
+                 plan: Plan, batch: int, linear_kernel: str = "auto", state_dtype: torch.dtype | None = None):
         self.infos, self.plan, self.batch = infos, plan, batch
+        self.linear_kernel, self.state_dtype = linear_kernel, state_dtype
         self.regions = [r for r in regions if r.name in plan.gates]
         self.member_of = {n: r for r in self.regions for n in r.nodes}
         self.sites = {s.node: s for s in sites}
@@ -116,6 +116,7 @@ class EventfulRewrite:
         self.dense_macs_static = 0
         self.region_of_idx: dict[fx.Node, str] = {}
         self.k_nodes: dict[fx.Node, fx.Node] = {}
+        self.joined: set[fx.Node] = set()
         self.gm = gm
         for node in gm.graph.nodes:
             self._visit(node)
@@ -138,7 +139,7 @@ class EventfulRewrite:
         data, idx, layout = self.sparse[node]
         name = f"buf_{node.name}"
         shape = tensor_shape(node)
-        self.modules[name] = RegionBuffer(shape, layout.dims[0], layout.dims[-1] + 1)
+        self.modules[name] = RegionBuffer(shape, layout.dims[0], layout.dims[-1] + 1, self.state_dtype)
         self.env[node] = self.graph.call_module(name, (data, idx))
         return self.env[node]
 
@@ -163,6 +164,15 @@ class EventfulRewrite:
         if region is not None:
             self._sparse_node(node, region)
             return
+        idx = joinable(node, self.infos, lambda a: self.sparse[a][1:] if a in self.sparse else None)
+        if idx is not None:  # one buffer for the result instead of one per operand, and a k-token op
+            new = self.graph.node_copy(node, lambda a: self.sparse[a][0])
+            new.meta = {}
+            self.sparse[node] = (new, idx, self.infos[node].layout)
+            self.joined.add(node)  # a region rooted here still gets its gate, reading the one buffer
+            gate_name = self.region_of_idx[idx]
+            self.region_macs[gate_name] = self.region_macs.get(gate_name, 0) + self.infos[node].macs
+            return
         self.dense_macs_static += self.infos[node].macs
         new = self.graph.node_copy(node, self.full)
         self.env[node] = new
@@ -170,18 +180,19 @@ class EventfulRewrite:
     def _region_input(self, region: Region) -> tuple[fx.Node, fx.Node, TokenLayout]:
         """The gated form of the region's root: from a gate, or inherited (query-gated attention output)."""
         root = region.root
-        if root in self.sparse:
+        if root in self.sparse and root not in self.joined:
             return self.sparse[root]
         layout = self.infos[root].layout
         name = region.name
         shape = tensor_shape(root)
         self.modules[name] = RegionGate(self.plan.gates[name], shape, layout.dims[0], layout.dims[-1] + 1,
-                                               self.batch, always=layout.extra)
+                                        self.batch, always=layout.extra, state_dtype=self.state_dtype)
         out = self.graph.call_module(name, (self.full(root),))
         idx = self.graph.call_function(operator.getitem, (out, 0))
         data = self.graph.call_function(operator.getitem, (out, 1))
         self.region_of_idx[idx] = name
         self.sparse[root] = (data, idx, layout)
+        self.joined.discard(root)
         return self.sparse[root]
 
     def _sparse_node(self, node: fx.Node, region: Region) -> None:
@@ -221,6 +232,10 @@ class EventfulRewrite:
             pad, suffix, run = list(args[1]), len(in_shape) - src_layout.dims[-1] - 1, len(src_layout.dims)
             pad = pad[: 2 * suffix] + ([0, 0] if len(pad) > 2 * suffix else []) + pad[2 * (suffix + run):]
             new = self.graph.call_function(node.target, (args[0], pad, *args[2:]), kwargs)
+        elif name == "linear" and node.op == "call_function" and len(args) >= 2:
+            module = f"linear_{node.name}"
+            self.modules[module] = SparseLinear(self.linear_kernel)
+            new = self.graph.call_module(module, tuple(args), kwargs)
         else:
             position = _DIM_POSITION.get(name)  # self is args[0] for methods too
             if position is not None:
@@ -296,6 +311,34 @@ class EventfulRewrite:
             out = self.graph.call_module(name, (q_data, self.full(k), self.full(v), idx, mask, scale))
             self.sparse[node] = (out, idx, self.infos[node].layout)
         return True
+
+
+def joinable(node: fx.Node, infos: dict[fx.Node, NodeInfo], sparse_of):
+    """The token set an elementwise node outside the regions can run on, sparse, else None.
+
+    Such a node joins values of different regions (a residual add of a block's input and its
+    attention output); when every operand is carried sparse on the same gate's tokens, in
+    the node's own layout, the buffers of the operands would all be written at the same
+    tokens on every frame, so one buffer of the result holds the same values. `sparse_of(a)`
+    is (token set, layout) for a sparse value, else None.
+    """
+    info = infos[node]
+    if info.kind != ops.ELEMENTWISE or not info.tokenwise or info.layout is None or node.kwargs:
+        return None
+    shape = tensor_shape(node)
+    token_set = None
+    for a in node.args:
+        if isinstance(a, fx.Node):
+            carried = sparse_of(a)
+            if carried is None or carried[1] != info.layout or tensor_shape(a) != shape \
+                    or not torch.equal(carried[1].order, info.layout.order):
+                return None
+            if token_set is not None and carried[0] is not token_set and carried[0] != token_set:
+                return None
+            token_set = carried[0]
+        elif not isinstance(a, (int, float, bool)):
+            return None
+    return token_set
 
 
 def gateable_sdpa_args(site: AttentionSite, mode: str, sparse) -> tuple | None:

@@ -14,16 +14,20 @@ from .state import StatefulOp, tensor_bytes
 
 
 class TokenBuffer(StatefulOp):
-    """forward(fresh [B, k, *C], idx [B, k]) -> full [B, N, *C].
+    """forward(fresh [R, k, *C], idx [B, k]) -> full [R, N, *C], with R a multiple of B.
 
-    Writes in place and returns the internal tensor itself (no copy): it is overwritten by
-    the next call, so a caller that keeps a frame's output must clone it. Duplicate
-    indices carry identical data (gate padding), so the write order does not matter.
+    Row r of `fresh` belongs to stream r // (R / B) (attention heads give several rows per
+    stream, all on their stream's tokens). Writes in place and returns the internal tensor
+    itself (no copy): it is overwritten by the next call, so a caller that keeps a frame's
+    output must clone it. Duplicate indices carry identical data (gate padding), so the
+    write order does not matter. With a `state_dtype` other than the tokens' dtype the
+    buffer is kept in that dtype and each call returns a converted copy.
     """
 
-    def __init__(self, num_tokens: int) -> None:
+    def __init__(self, num_tokens: int, state_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.num_tokens = num_tokens
+        self.state_dtype = state_dtype
         self._full: Tensor | None = None
 
     def reset(self, streams: Sequence[int] | None = None) -> None:
@@ -36,12 +40,20 @@ class TokenBuffer(StatefulOp):
 
     def forward(self, fresh: Tensor, idx: Tensor) -> Tensor:
         batch, k = idx.shape
-        token_shape = fresh.shape[2:]
-        full = self._full
-        if (full is None or full.shape[0] != batch or full.shape[2:] != token_shape
-                or full.dtype != fresh.dtype or full.device != fresh.device):
-            full = self._full = fresh.new_zeros(batch, self.num_tokens, *token_shape)
-        full.view(batch * self.num_tokens, *token_shape).index_copy_(
-            0, flat_token_index(idx, self.num_tokens), fresh.reshape(batch * k, *token_shape))
+        rows, token_shape, fresh_dtype = fresh.shape[0], fresh.shape[2:], fresh.dtype
+        if rows % batch:
+            raise ValueError(f"TokenBuffer: {rows} rows of fresh tokens do not split into {batch} streams")
+        full, dtype = self._full, self.state_dtype or fresh.dtype
+        if (full is None or full.shape[0] != rows or full.shape[2:] != token_shape
+                or full.dtype != dtype or full.device != fresh.device):
+            full = self._full = fresh.new_zeros(rows, self.num_tokens, *token_shape, dtype=dtype)
+        fresh = fresh.to(dtype)
+        if batch == 1:  # one stream: write along the token axis, straight from a strided source
+            full.index_copy_(1, idx[0], fresh)
+        else:
+            if rows != batch:
+                idx = idx.repeat_interleave(rows // batch, 0)
+            full.view(rows * self.num_tokens, *token_shape).index_copy_(
+                0, flat_token_index(idx, self.num_tokens), fresh.reshape(rows * k, *token_shape))
         self.overhead_macs = fresh.numel()
-        return full
+        return full.to(fresh_dtype)

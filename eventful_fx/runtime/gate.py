@@ -67,12 +67,14 @@ class TokenGate(StatefulOp):
     All streams share one k per call (the largest count); a stream with fewer selected
     tokens repeats its first selected token (or, when it selects none, token 0 with its
     reference data), so recomputing padded slots rewrites values already held downstream.
-    Threshold policies sync the host once per call to learn that k.
+    Threshold policies sync the host once per call to learn that k. `state_dtype` stores
+    the reference in another dtype (float16 halves it); scores are taken in float32 or wider.
     """
 
-    def __init__(self, policy: Policy, always: Sequence[int] = ()) -> None:
+    def __init__(self, policy: Policy, always: Sequence[int] = (), state_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.policy = policy
+        self.state_dtype = state_dtype
         # tokens updated on every frame whatever their score: class and register tokens summarise
         # the whole image, so their small per-frame changes matter more than their size says
         self.always = tuple(always)
@@ -95,7 +97,7 @@ class TokenGate(StatefulOp):
         batch, num_tokens = x.shape[:2]
         channels = math.prod(x.shape[2:])
         ref = self._ref
-        if ref is None or ref.shape != x.shape or ref.dtype != x.dtype or ref.device != x.device:
+        if ref is None or ref.shape != x.shape or ref.dtype != (self.state_dtype or x.dtype) or ref.device != x.device:
             return self._flush_all(x)
         flushed, flush = self._take_flush(batch, x.device)
 
@@ -142,14 +144,18 @@ class TokenGate(StatefulOp):
             slot = torch.arange(k_call, device=x.device)
             idx = torch.where(slot < counts.unsqueeze(1), ranking, first)
 
-        flat_idx = flat_token_index(idx, num_tokens)
-        ref_flat = ref.view(batch * num_tokens, *ref.shape[2:])
-        selected = x.reshape(batch * num_tokens, *x.shape[2:]).index_select(0, flat_idx)
-        if any_empty:
-            # an empty stream recomputes token 0 from what it was last computed from
-            empty = (counts == 0).repeat_interleave(k_call).view(-1, *[1] * (x.ndim - 2))
-            selected = torch.where(empty, ref_flat.index_select(0, flat_idx), selected)
-        ref_flat.index_copy_(0, flat_idx, selected)
+        if batch == 1:  # one stream (never empty here): index the token axis directly
+            selected = x[0].index_select(0, idx[0])
+            ref[0].index_copy_(0, idx[0], selected.to(ref.dtype))
+        else:
+            flat_idx = flat_token_index(idx, num_tokens)
+            ref_flat = ref.view(batch * num_tokens, *ref.shape[2:])
+            selected = x.reshape(batch * num_tokens, *x.shape[2:]).index_select(0, flat_idx)
+            if any_empty:
+                # an empty stream recomputes token 0 from what it was last computed from
+                empty = (counts == 0).repeat_interleave(k_call).view(-1, *[1] * (x.ndim - 2))
+                selected = torch.where(empty, ref_flat.index_select(0, flat_idx).to(x.dtype), selected)
+            ref_flat.index_copy_(0, flat_idx, selected.to(ref.dtype))
 
         self.overhead_macs = batch * num_tokens * channels + 2 * batch * k_call * channels
         return idx, selected.view(batch, k_call, *x.shape[2:])
@@ -157,7 +163,8 @@ class TokenGate(StatefulOp):
     def _flush_all(self, x: Tensor) -> tuple[Tensor, Tensor]:
         batch, num_tokens = x.shape[:2]
         # a contiguous copy: the in-place writes on its flat view must land in the reference
-        self._ref = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x.detach())
+        self._ref = torch.empty_like(x, dtype=self.state_dtype or x.dtype,
+                                     memory_format=torch.contiguous_format).copy_(x.detach())
         self._pending_flush.clear()
         self.last_counts = num_tokens
         self.overhead_macs = x.numel()

@@ -1,0 +1,91 @@
+"""Linear layers of gated regions: the fastest kernel for k-row inputs.
+
+A gated region multiplies k rows by the model's weights, k well below N. On CPU, PyTorch's
+default GEMM (MKL) re-packs the weight on every call, which costs as much at 40 rows as at
+600, while oneDNN with a weight packed once scales with the rows; at N rows MKL is often the
+faster one again. Which wins depends on the shape, the row count, the thread count and the
+CPU, so `SparseLinear` times both the first time it meets a (shape, rows, threads) bucket
+and keeps the winner for the process. Results of the two kernels differ only by rounding.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils.flop_counter import register_flop_formula
+
+KERNELS = ("auto", "torch", "onednn")
+
+
+@register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+def _linear_pointwise_flops(x_shape, weight_shape, *args, **kwargs) -> int:
+    """So that `FlopCounterMode` counts the oneDNN kernel like `F.linear` (torch has no formula for it)."""
+    return 2 * math.prod(x_shape[:-1]) * weight_shape[0] * weight_shape[1]
+
+
+# (in, out, bias, dtype, threads, row bucket) -> "torch" | "onednn": the timing is per process, like cuDNN's benchmark mode
+_choices: dict[tuple, str] = {}
+
+
+def _onednn_usable(x: Tensor, weight: Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and torch.backends.mkldnn.is_available()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def _row_bucket(rows: int) -> int:
+    # buckets a factor sqrt(2) apart: near the crossover the two kernels are within a few percent anyway
+    return 0 if rows < 1 else int(2 * math.log2(rows))
+
+
+class SparseLinear(torch.nn.Module):
+    """forward(x, weight, bias) == F.linear(x, weight, bias), on the faster CPU kernel for x's row count.
+
+    Reads the weight as an argument on every call (a parameter of the captured model, or a
+    graph input under torch.compile) and re-packs its oneDNN copy whenever the weight's
+    storage or version changes, so loading new weights after compiling is safe.
+    """
+
+    def __init__(self, kernel: str = "auto") -> None:
+        super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"linear kernel must be one of {KERNELS}, got {kernel!r}")
+        self.kernel = kernel
+        self._packed: Tensor | None = None
+        self._packed_key = None
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        if self.kernel == "torch" or not _onednn_usable(x, weight):
+            return F.linear(x, weight, bias)
+        if self.kernel == "onednn":
+            return self._onednn(x, weight, bias)
+        rows = x.numel() // max(x.shape[-1], 1)
+        key = (weight.shape[1], weight.shape[0], bias is not None, x.dtype, torch.get_num_threads(), _row_bucket(rows))
+        choice = _choices.get(key)
+        if choice is None:
+            choice = _choices[key] = self._time(x, weight, bias)
+        return self._onednn(x, weight, bias) if choice == "onednn" else F.linear(x, weight, bias)
+
+    def _onednn(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        key = (weight.data_ptr(), weight._version, weight.shape)
+        if self._packed_key != key:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            self._packed_key = key
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
+
+    def _time(self, x: Tensor, weight: Tensor, bias: Tensor | None, repeats: int = 3) -> str:
+        kernels = {"torch": lambda: F.linear(x, weight, bias), "onednn": lambda: self._onednn(x, weight, bias)}
+        best = dict.fromkeys(kernels, math.inf)
+        with _disable_current_modes():  # a FlopCounterMode or profiler mode around the call must not see the trials
+            for run in kernels.values():  # warm-up: packing, first-touch allocations
+                run()
+            for _ in range(repeats):  # alternating, so a slow spell of a noisy machine hits both
+                for name, run in kernels.items():
+                    start = time.perf_counter()
+                    run()
+                    best[name] = min(best[name], time.perf_counter() - start)
+        return min(best, key=best.get)

@@ -1,0 +1,58 @@
+"""state_dtype: gates and buffers keep their state in a smaller dtype; the model still computes in its own."""
+import pytest
+import timm
+import torch
+
+import eventful_fx
+from eventful_fx.video import builtin_clip
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+    clip = builtin_clip(size=224, max_frames=8)
+    with torch.no_grad():
+        dense = [model(f[None]) for f in clip]
+    return model, clip, dense
+
+
+def _run(model, clip, dense, **options):
+    emodel = eventful_fx.compile(model, **options)
+    errors = []
+    for frame, reference in zip(clip, dense):
+        out = emodel(frame[None])
+        assert out.dtype == reference.dtype
+        errors.append(((out - reference).norm() / reference.norm()).item())
+    return emodel, sum(errors) / len(errors)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float16, torch.bfloat16])
+def test_half_state_halves_memory_and_keeps_fidelity(setup, state_dtype):
+    model, clip, dense = setup
+    full, full_error = _run(model, clip, dense, budget=0.25)
+    half, half_error = _run(model, clip, dense, budget=0.25, state_dtype=state_dtype)
+    print(f"mean rel. err at budget 0.25: float32 state {full_error:.4f}, {state_dtype} state {half_error:.4f}")
+    assert half.state_bytes() * 2 == full.state_bytes()
+    assert half.decision.state_bytes == half.state_bytes()  # the cost model predicts the smaller state
+    assert half_error <= 1.1 * full_error
+    assert half.stats.macs == full.stats.macs
+
+
+def test_half_state_at_full_budget_is_only_rounded(setup):
+    model, clip, dense = setup
+    _, error = _run(model, clip, dense, budget=1.0, state_dtype=torch.float16)
+    assert error <= 1e-2
+
+
+def test_incremental_attention_keeps_its_caches_in_the_model_dtype(setup):
+    model, clip, dense = setup
+    emodel, error = _run(model, clip, dense, budget=1.0, attention="incremental", state_dtype=torch.float16)
+    assert error <= 1e-2
+    assert emodel.decision.state_bytes == emodel.state_bytes()
+
+
+@pytest.mark.parametrize("bad", [torch.int8, "float16", 2])
+def test_non_floating_state_dtype_is_refused(bad):
+    with pytest.raises(ValueError, match="state_dtype"):
+        eventful_fx.compile(torch.nn.Linear(2, 2), state_dtype=bad)
