@@ -193,3 +193,29 @@ def test_batch_matches_naive_single_streams(batch, tokens, channels, k, threshol
         assert rel_err(out, expected) <= 1e-5
         last = gated.gate.last_counts
         assert (last.tolist() if torch.is_tensor(last) else [last] * batch) == counts
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("policy", [TopK(4), Threshold(0.8)])
+def test_scoring_only_changed_tokens_picks_what_full_scoring_picks(batch, policy):
+    """A gate told which tokens of its input moved (those a buffer rewrote) selects as if it scored all."""
+    torch.manual_seed(0)
+    num_tokens, channels = 12, 6
+    told, blind = TokenGate(policy, always=(0,)), TokenGate(policy, always=(0,))
+    x = torch.randn(batch, num_tokens, channels)
+    for frame in range(8):
+        if frame:
+            changed = torch.stack([torch.randperm(num_tokens)[:3] for _ in range(batch)])
+            x = x.clone()
+            for b in range(batch):
+                x[b, changed[b]] += torch.randn(3, channels) * (0.2 + frame % 3)
+        if frame == 5:
+            for gate in (told, blind):
+                gate.reset(streams=[batch - 1])
+        idx_told, sel_told = told(x, changed if frame else None)
+        idx_blind, sel_blind = blind(x)
+        assert torch.equal(idx_told, idx_blind)
+        torch.testing.assert_close(sel_told, sel_blind)
+        torch.testing.assert_close(told._score, blind._score)
+        if frame and frame != 5:
+            assert told.overhead_macs < blind.overhead_macs  # 3 tokens scored, not 12

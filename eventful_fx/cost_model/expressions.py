@@ -9,6 +9,7 @@ formulas are those the runtime ops count (`matmul_macs`, `overhead_macs`, `state
 
 - a node of a gated region: its dense MACs · k / N (token-wise ops scale with the tokens);
 - a gate: B·N·C scoring + 2·B·C·k gather and reference write-back (C = channels per token);
+  a gate reading a buffer scores only the k_u tokens written into it: B·k_u·C instead of B·N·C;
 - a buffer: k·C written;
 - query-gated attention: B·H·k·N·(d + dv), plus the gathered rows of a mask;
 - incremental attention: B·H·k·(N·(2d + 3dv) + 3N + 2d + 3dv + 2);
@@ -275,8 +276,13 @@ class _Walk:
         self.cm.gates[name] = Gate(name, n, channels, self.batch, tuple(layout.extra), regions=[name], behind=behind)
         k = self.cm.k[name] = sympy.Symbol(f"k_{name}", nonnegative=True, integer=True)
         N, C, B = self.tokens(n), sympy.Integer(channels), self.B
+        upstream = self.sparse[root][0] if root in self.sparse else None
         self.full(root)
-        self.add("gate", name, name, self.batch * n * channels, 2 * self.batch * channels, B * N * C + 2 * B * C * k)
+        self.add("gate", name, name, 0, 2 * self.batch * channels, 2 * B * C * k)
+        if upstream is None:  # scores all N tokens
+            self.add("gate", f"{name}.score", name, self.batch * n * channels, 0, B * N * C)
+        else:  # reads a buffer: scores only the tokens written into it
+            self.add("gate", f"{name}.score", upstream, 0, self.batch * channels, B * C * self.cm.k[upstream])
         self.memory(name, name, math.prod(shape), self.state_size or _element_size(root), B * N * C)
         self.sparse[root] = (name, layout)
         self.joined.discard(root)

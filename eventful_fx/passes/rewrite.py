@@ -46,11 +46,11 @@ class RegionGate(TokenGate):
         self.channels = math.prod(shape[t1:])
         self.last_k = self.num_tokens
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, changed: torch.Tensor | None = None):
         per_stream, channels = self.per_stream, self.channels
         rows = x.reshape(self.batch, per_stream, self.num_tokens, channels)
         rows = rows[:, 0] if per_stream == 1 else rows.movedim(2, 1).reshape(self.batch, self.num_tokens, -1)
-        idx, selected = super().forward(rows)
+        idx, selected = super().forward(rows, changed)
         k = idx.shape[1]
         self.last_k = k
         if per_stream > 1:
@@ -187,7 +187,9 @@ class EventfulRewrite:
         shape = tensor_shape(root)
         self.modules[name] = RegionGate(self.plan.gates[name], shape, layout.dims[0], layout.dims[-1] + 1,
                                         self.batch, always=layout.extra, state_dtype=self.state_dtype)
-        out = self.graph.call_module(name, (self.full(root),))
+        # a root restored by a buffer differs from the last frame only at the tokens written into it
+        changed = self.sparse[root][1] if root in self.sparse else None
+        out = self.graph.call_module(name, (self.full(root),) if changed is None else (self.full(root), changed))
         idx = self.graph.call_function(operator.getitem, (out, 0))
         data = self.graph.call_function(operator.getitem, (out, 1))
         self.region_of_idx[idx] = name

@@ -62,8 +62,10 @@ def _rank(score: Tensor) -> Tensor:
 class TokenGate(StatefulOp):
     """Selects, per stream, the tokens whose distance to the reference is largest.
 
-    forward(x [B, N, *C]) -> (idx [B, k] int64, selected [B, k, *C]). The reference is
-    updated only at the selected tokens, so small changes accumulate until selected.
+    forward(x [B, N, *C], changed [B, c] | None) -> (idx [B, k] int64, selected [B, k, *C]).
+    The reference is updated only at the selected tokens, so small changes accumulate until
+    selected. `changed`, when given, promises that x moved only at those tokens since the
+    last call: only they are scored again.
     All streams share one k per call (the largest count); a stream with fewer selected
     tokens repeats its first selected token (or, when it selects none, token 0 with its
     reference data), so recomputing padded slots rewrites values already held downstream.
@@ -81,6 +83,8 @@ class TokenGate(StatefulOp):
         self._always_idx: Tensor | None = None
         self.last_counts: Tensor | int = 0
         self._ref: Tensor | None = None
+        self._score: Tensor | None = None  # distance of the last call's input to the reference, per token
+        self._scored = 0
         self._pending_flush: set[int] = set()
 
     def reset(self, streams: Sequence[int] | None = None) -> None:
@@ -93,7 +97,8 @@ class TokenGate(StatefulOp):
     def state_bytes(self) -> int:
         return tensor_bytes(self._ref)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, changed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """`changed` [B, c]: the only tokens where x can differ from the last call's x (None: any)."""
         batch, num_tokens = x.shape[:2]
         channels = math.prod(x.shape[2:])
         ref = self._ref
@@ -101,15 +106,15 @@ class TokenGate(StatefulOp):
             return self._flush_all(x)
         flushed, flush = self._take_flush(batch, x.device)
 
-        score = torch.linalg.vector_norm(
-            (x - ref).reshape(batch, num_tokens, -1), dim=-1,
-            dtype=torch.promote_types(x.dtype, torch.float32))
+        self._score = distance = self._distance(x, ref, None if flush is not None else changed)
+        score = distance
         if self.always:
             if self._always_idx is None or self._always_idx.device != x.device:
                 self._always_idx = torch.tensor(self.always, device=x.device)
             # ...but only in streams where something changed: a repeated frame still updates nothing
-            changed = (score > getattr(self.policy, "threshold", 0.0)).any(1, keepdim=True)
-            score.index_copy_(1, self._always_idx, torch.where(changed, math.inf, score.index_select(1, self._always_idx)))
+            moved = (distance > getattr(self.policy, "threshold", 0.0)).any(1, keepdim=True)
+            score = distance.index_copy(1, self._always_idx,
+                                        torch.where(moved, math.inf, distance.index_select(1, self._always_idx)))
         count = self.policy.count(num_tokens)
         if count is None:
             chosen = score > self.policy.threshold
@@ -156,8 +161,12 @@ class TokenGate(StatefulOp):
                 empty = (counts == 0).repeat_interleave(k_call).view(-1, *[1] * (x.ndim - 2))
                 selected = torch.where(empty, ref_flat.index_select(0, flat_idx).to(x.dtype), selected)
             ref_flat.index_copy_(0, flat_idx, selected.to(ref.dtype))
+        if any_empty:  # token 0 of an empty stream kept its old reference: score afresh next time
+            self._score = None
+        else:
+            distance.scatter_(1, idx, 0.0)
 
-        self.overhead_macs = batch * num_tokens * channels + 2 * batch * k_call * channels
+        self.overhead_macs = batch * self._scored * channels + 2 * batch * k_call * channels
         return idx, selected.view(batch, k_call, *x.shape[2:])
 
     def _flush_all(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -166,10 +175,36 @@ class TokenGate(StatefulOp):
         self._ref = torch.empty_like(x, dtype=self.state_dtype or x.dtype,
                                      memory_format=torch.contiguous_format).copy_(x.detach())
         self._pending_flush.clear()
+        self._score = torch.zeros(batch, num_tokens, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         self.last_counts = num_tokens
         self.overhead_macs = x.numel()
         idx = torch.arange(num_tokens, device=x.device).expand(batch, num_tokens)
         return idx, x
+
+    def _distance(self, x: Tensor, ref: Tensor, changed: Tensor | None) -> Tensor:
+        """||x - ref|| per token [B, N]: in full, or at the `changed` tokens only, on the last call's distances.
+
+        The reference moves only where tokens are selected (their distance is then 0) and x
+        only at `changed`, so elsewhere the last call's distance still holds: a gate reading
+        a buffer scores the k tokens written into it, not all N.
+        """
+        batch, num_tokens = x.shape[:2]
+        last = self._score
+        if changed is None or last is None or last.shape != (batch, num_tokens):
+            self._scored = num_tokens
+            return torch.linalg.vector_norm((x - ref).reshape(batch, num_tokens, -1), dim=-1,
+                                            dtype=torch.promote_types(x.dtype, torch.float32))
+        self._scored = count = changed.shape[1]
+        if count == 0:
+            return last
+        if batch == 1:
+            diff = x[0].index_select(0, changed[0]) - ref[0].index_select(0, changed[0])
+        else:
+            flat = flat_token_index(changed, num_tokens)
+            diff = x.reshape(batch * num_tokens, *x.shape[2:]).index_select(0, flat) - \
+                ref.view(batch * num_tokens, *ref.shape[2:]).index_select(0, flat)
+        return last.scatter_(1, changed, torch.linalg.vector_norm(diff.reshape(batch, count, -1), dim=-1,
+                                                                   dtype=last.dtype))
 
     def _take_flush(self, batch: int, device: torch.device) -> tuple[list[int], Tensor | None]:
         pending = self._pending_flush
@@ -187,6 +222,6 @@ class TokenGate(StatefulOp):
     def _select_nothing(self, x: Tensor) -> tuple[Tensor, Tensor]:
         batch, num_tokens = x.shape[:2]
         self.last_counts = 0
-        self.overhead_macs = x.numel()
+        self.overhead_macs = batch * self._scored * math.prod(x.shape[2:])
         idx = torch.empty(batch, 0, dtype=torch.long, device=x.device)
         return idx, x.new_empty(batch, 0, *x.shape[2:])
