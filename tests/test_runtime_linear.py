@@ -21,6 +21,8 @@ def test_matches_f_linear(kernel, rows):
         torch.testing.assert_close(linear(x, weight, b), F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
     strided = torch.randn(2, 64, rows).transpose(1, 2)  # a permuted view, as regions often hand over
     torch.testing.assert_close(linear(strided, weight, bias), F.linear(strided, weight, bias), rtol=1e-5, atol=1e-5)
+    tied = torch.randn(64, 96).t()  # a transposed weight (tied embeddings)
+    torch.testing.assert_close(SparseLinear(kernel)(x, tied, bias), F.linear(x, tied, bias), rtol=1e-5, atol=1e-5)
 
 
 def test_new_weights_are_used_after_an_in_place_update():

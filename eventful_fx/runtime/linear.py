@@ -68,16 +68,19 @@ class SparseLinear(torch.nn.Module):
         choice = _choices.get(key)
         if choice is None:
             choice = _choices[key] = self._time(x, weight, bias)
+            if choice == "torch":  # the packed copy (as large as the weight) is not needed for these rows
+                self._packed = self._packed_key = None
         return self._onednn(x, weight, bias) if choice == "onednn" else F.linear(x, weight, bias)
 
     def _onednn(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         key = (weight.data_ptr(), weight._version, weight.shape)
         if self._packed_key != key:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
             self._packed_key = key
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
 
-    def _time(self, x: Tensor, weight: Tensor, bias: Tensor | None, repeats: int = 3) -> str:
+    def _time(self, x: Tensor, weight: Tensor, bias: Tensor | None, repeats: int = 5, margin: float = 0.97) -> str:
+        """The kernel to keep: oneDNN only if its best time beats torch's by `margin` (noise must not flip a tie)."""
         kernels = {"torch": lambda: F.linear(x, weight, bias), "onednn": lambda: self._onednn(x, weight, bias)}
         best = dict.fromkeys(kernels, math.inf)
         with _disable_current_modes():  # a FlopCounterMode or profiler mode around the call must not see the trials
@@ -88,4 +91,4 @@ class SparseLinear(torch.nn.Module):
                     start = time.perf_counter()
                     run()
                     best[name] = min(best[name], time.perf_counter() - start)
-        return min(best, key=best.get)
+        return "onednn" if best["onednn"] < margin * best["torch"] else "torch"
