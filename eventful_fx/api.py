@@ -56,8 +56,8 @@ class EventfulModule(torch.nn.Module):
             raise ValueError(f"memory_cap_bytes must be a number of bytes >= 0 or None, got {memory_cap_bytes!r}")
         if linear_kernel not in KERNELS:
             raise ValueError(f"linear_kernel must be one of {KERNELS}, got {linear_kernel!r}")
-        if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
-            raise ValueError(f"state_dtype must be a floating torch.dtype (e.g. torch.float16) or None, got {state_dtype!r}")
+        if state_dtype is not None and state_dtype not in _STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {_STATE_DTYPES} or None, got {state_dtype!r}")
         if refresh is not None and refresh < 1:
             raise ValueError(f"refresh must be a positive number of frames or None, got {refresh!r}")
         self.model = model.eval()
@@ -189,6 +189,9 @@ class EventfulModule(torch.nn.Module):
             overhead += module.overhead_macs
         self.stats = FrameStats(macs=int(round(macs)) + overhead, dense_macs=self._dense_macs, overhead_macs=overhead,
                                 tokens={name: g.last_k for name, g in gates.items()}, flush=flush)
+
+
+_STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _batch_size(infos, inputs) -> int:

@@ -142,7 +142,8 @@ def test_channel_dims_and_shape_change_flush():
     z = torch.randn(3, 5, 2, 3)  # new batch size: a full flush
     idx, selected = gate(z)
     assert gate.last_counts == 5 and torch.equal(buffer(selected * 2, idx), z * 2)
-    assert gate.state_bytes() == z.numel() * 4 and buffer.state_bytes() == z.numel() * 4
+    assert gate.state_bytes() == z.numel() * 4 + 3 * 5 * 4  # reference + a distance per token
+    assert buffer.state_bytes() == z.numel() * 4
     gate.reset(), buffer.reset()
     assert gate.state_bytes() == buffer.state_bytes() == 0
 
@@ -219,3 +220,32 @@ def test_scoring_only_changed_tokens_picks_what_full_scoring_picks(batch, policy
         torch.testing.assert_close(told._score, blind._score)
         if frame and frame != 5:
             assert told.overhead_macs < blind.overhead_macs  # 3 tokens scored, not 12
+
+
+def test_scoring_changed_tokens_with_a_static_stream():
+    """Under a threshold, a stream that selects nothing pads with token 0, whose distance must survive."""
+    torch.manual_seed(1)
+    num_tokens, channels = 10, 4
+    told, blind = TokenGate(Threshold(0.5)), TokenGate(Threshold(0.5))
+    x = torch.randn(2, num_tokens, channels)
+    told(x), blind(x)
+    for frame in range(6):
+        changed = torch.stack([torch.tensor([0, 3, 7]), torch.tensor([1, 2, 5])])
+        x = x.clone()
+        x[0, changed[0]] += 0.3 * (frame + 1)  # stream 0 moves; stream 1 never does
+        idx_told, sel_told = told(x, changed)
+        idx_blind, sel_blind = blind(x)
+        assert torch.equal(idx_told, idx_blind)
+        torch.testing.assert_close(sel_told, sel_blind)
+        torch.testing.assert_close(told._score, blind._score)
+        assert told.overhead_macs < blind.overhead_macs
+
+
+def test_a_rounded_reference_does_not_count_as_change():
+    gate = TokenGate(Threshold(0.1), state_dtype=torch.bfloat16)
+    x = 100 * torch.randn(1, 50, 64)  # bfloat16 rounds these by ~0.2 per token
+    gate(x)
+    for changed in (None, torch.arange(50)[None]):
+        idx, _ = gate(x, changed)
+        assert idx.shape[1] == 0
+    assert gate.state_bytes() == 50 * 64 * 2 + 50 * 4  # reference in bfloat16, distances in float32

@@ -51,6 +51,13 @@ def test_eventful_model_follows_weights_loaded_after_compile():
             assert (out - dense).norm() <= 1e-4 * dense.norm()
 
 
+def test_inference_mode_weights_fall_back_to_torch():
+    with torch.inference_mode():  # such weights have no version counter to watch
+        weight, x = torch.randn(32, 16), torch.randn(1, 5, 16)
+        for kernel in ("auto", "onednn"):
+            torch.testing.assert_close(SparseLinear(kernel)(x, weight), F.linear(x, weight))
+
+
 def test_flop_counter_counts_the_onednn_kernel():
     weight, x = torch.randn(48, 32), torch.randn(3, 10, 32)
     with FlopCounterMode(display=False) as counter:

@@ -33,10 +33,11 @@ def test_half_state_halves_memory_and_keeps_fidelity(setup, state_dtype):
     full, full_error = _run(model, clip, dense, budget=0.25)
     half, half_error = _run(model, clip, dense, budget=0.25, state_dtype=state_dtype)
     print(f"mean rel. err at budget 0.25: float32 state {full_error:.4f}, {state_dtype} state {half_error:.4f}")
-    assert half.state_bytes() * 2 == full.state_bytes()
+    assert 0.5 < half.state_bytes() / full.state_bytes() < 0.501  # the gates' per-token distances stay float32
     assert half.decision.state_bytes == half.state_bytes()  # the cost model predicts the smaller state
     assert half_error <= 1.1 * full_error
-    assert half.stats.macs == full.stats.macs
+    # buffers return a converted copy each frame: counted, and predicted by the cost model
+    assert abs(half.decision.predicted_macs - half.stats.macs) <= 1e-6 * half.stats.macs
 
 
 def test_half_state_at_full_budget_is_only_rounded(setup):
@@ -52,7 +53,19 @@ def test_incremental_attention_keeps_its_caches_in_the_model_dtype(setup):
     assert emodel.decision.state_bytes == emodel.state_bytes()
 
 
-@pytest.mark.parametrize("bad", [torch.int8, "float16", 2])
+@pytest.mark.parametrize("state_dtype", [torch.float16, torch.bfloat16])
+def test_repeated_frame_updates_nothing_with_a_rounded_state(setup, state_dtype):
+    """The threshold policy compares x rounded to the state dtype: rounding alone is no change."""
+    model, clip, _ = setup
+    emodel = eventful_fx.compile(model, policy="threshold", threshold=0.05, state_dtype=state_dtype)
+    emodel(clip[0][None])
+    first = emodel(clip[1][None])
+    again = emodel(clip[1][None])
+    assert torch.equal(first, again)
+    assert all(k <= 1 for k in emodel.stats.tokens.values())  # class tokens are always refreshed
+
+
+@pytest.mark.parametrize("bad", [torch.int8, torch.float8_e4m3fn, "float16", 2])
 def test_non_floating_state_dtype_is_refused(bad):
     with pytest.raises(ValueError, match="state_dtype"):
         eventful_fx.compile(torch.nn.Linear(2, 2), state_dtype=bad)

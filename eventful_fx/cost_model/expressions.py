@@ -10,7 +10,7 @@ formulas are those the runtime ops count (`matmul_macs`, `overhead_macs`, `state
 - a node of a gated region: its dense MACs · k / N (token-wise ops scale with the tokens);
 - a gate: B·N·C scoring + 2·B·C·k gather and reference write-back (C = channels per token);
   a gate reading a buffer scores only the k_u tokens written into it: B·k_u·C instead of B·N·C;
-- a buffer: k·C written;
+- a buffer: k·C written (and N·C converted, when it keeps its state in another dtype);
 - query-gated attention: B·H·k·N·(d + dv), plus the gathered rows of a mask;
 - incremental attention: B·H·k·(N·(2d + 3dv) + 3N + 2d + 3dv + 2);
 - dense attention (and every other node outside a gated region): its dense MACs,
@@ -18,9 +18,10 @@ formulas are those the runtime ops count (`matmul_macs`, `overhead_macs`, `state
 
 Channel sizes enter as the integers the weights fix; token counts as symbols (`N`, or
 `N_<count>` when a graph has several token spaces) with their values in `values`; each
-gate's k as the symbol `k_<gate>`. Memory: a gate holds its input (B·N·C), a buffer its
-full value, incremental attention Q, K, V, exp(QKᵀ) (N² per head), U = E·V, row sums and
-stabilisers; all in bytes of the value's dtype (gates and buffers: of the state dtype, if one is set). Nothing here reads a tensor's values.
+gate's k as the symbol `k_<gate>`. Memory: a gate holds its input (B·N·C) and a distance
+per token (B·N, float32 or wider), a buffer its full value, incremental attention Q, K, V,
+exp(QKᵀ) (N² per head), U = E·V, row sums and stabilisers; all in bytes of the value's dtype
+(gates and buffers: of the state dtype, if one is set). Nothing here reads a tensor's values.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from ..passes.ops import node_value, op_kind, tensor_shape
 from ..passes.regions import AttentionSite, Region
 from ..passes.rewrite import gateable_sdpa_args, joinable
 from ..passes.tokens import NodeInfo
+from ..runtime.gate import score_dtype
 
 _MIXED = "<mixed>"  # changes from the input frame or a token-mixing node: anywhere
 _MIXING = (ops.ATTENTION, "attention_matmul", "token_reduce", "token_cat", "token_select", ops.CONV, ops.POOL)
@@ -189,6 +191,7 @@ class _Walk:
 
     def __init__(self, gm, infos, regions, sites, batch, gated, attention, state_dtype=None):
         self.gm, self.infos, self.batch = gm, infos, batch
+        self.state_dtype = state_dtype
         self.state_size = None if state_dtype is None else state_dtype.itemsize
         self.regions = [r for r in regions if r.name in gated]
         self.member_of = {n: r for r in self.regions for n in r.nodes}
@@ -255,6 +258,8 @@ class _Walk:
         per_token = math.prod(shape) // n
         k = self.cm.k[gate]
         self.add("buffer", f"buf_{node.name}", gate, 0, per_token, per_token * k)
+        if self.state_dtype is not None and self.state_dtype != _dtype(node):  # returns a converted copy
+            self.add("buffer", f"buf_{node.name}.convert", gate, per_token * n, 0, per_token * self.tokens(n))
         self.memory(f"buf_{node.name}", gate, math.prod(shape), self.state_size or _element_size(node),
                     per_token * self.tokens(n))
 
@@ -284,6 +289,9 @@ class _Walk:
         else:  # reads a buffer: scores only the tokens written into it
             self.add("gate", f"{name}.score", upstream, 0, self.batch * channels, B * C * self.cm.k[upstream])
         self.memory(name, name, math.prod(shape), self.state_size or _element_size(root), B * N * C)
+        dtype = _dtype(root)
+        distances = score_dtype(dtype, self.state_dtype or dtype).itemsize
+        self.memory(f"{name}.distance", name, self.batch * n, distances, B * N)
         self.sparse[root] = (name, layout)
         self.joined.discard(root)
         return name
@@ -381,6 +389,11 @@ class _Walk:
         self.sources[node] = frozenset([gate])
         self.cm.node_macs[node.name] = expr
         return True
+
+
+def _dtype(node: fx.Node) -> torch.dtype:
+    value = node_value(node)
+    return value.dtype if isinstance(value, torch.Tensor) else torch.float32
 
 
 def _element_size(node: fx.Node) -> int:

@@ -3,8 +3,9 @@
 A gated region is a maximal set of token-wise nodes fed by one full token-carrying value,
 its root: a gate on the root picks tokens, the region runs on those tokens only, and
 buffers restore full values where the region's results leave it. Nodes that join values
-of different regions (residual adds) stay dense: they are cheap and keep each region's
-gate reading one stream of values.
+of different regions (residual adds) stay outside: each region's gate reads one stream of
+values (the rewrite still runs such a node on k tokens when all its operands are carried on
+the same gate's tokens: `rewrite.joinable`).
 """
 from __future__ import annotations
 

@@ -55,5 +55,5 @@ class TokenBuffer(StatefulOp):
                 idx = idx.repeat_interleave(rows // batch, 0)
             full.view(rows * self.num_tokens, *token_shape).index_copy_(
                 0, flat_token_index(idx, self.num_tokens), fresh.reshape(rows * k, *token_shape))
-        self.overhead_macs = fresh.numel()
+        self.overhead_macs = fresh.numel() + (full.numel() if dtype != fresh_dtype else 0)
         return full.to(fresh_dtype)

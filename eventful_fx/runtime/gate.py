@@ -53,6 +53,11 @@ def gather_rows(mask: Tensor, idx: Tensor) -> Tensor:
     return gather_tokens(mask, idx, dim=2)
 
 
+def score_dtype(x_dtype: torch.dtype, state_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a gate keeps its per-token distances in: float32, or wider when its input or state is."""
+    return torch.promote_types(torch.promote_types(x_dtype, state_dtype), torch.float32)
+
+
 def _rank(score: Tensor) -> Tensor:
     # a stable sort breaks ties (e.g. unchanged tokens, all at 0) towards the lower token
     # index, so a stream's choice never depends on the batch it runs in; topk does not promise that
@@ -70,7 +75,8 @@ class TokenGate(StatefulOp):
     tokens repeats its first selected token (or, when it selects none, token 0 with its
     reference data), so recomputing padded slots rewrites values already held downstream.
     Threshold policies sync the host once per call to learn that k. `state_dtype` stores
-    the reference in another dtype (float16 halves it); scores are taken in float32 or wider.
+    the reference in another dtype (float16 halves it); x is rounded to it before scoring,
+    so an unchanged token scores 0 whatever the dtype; scores are float32 or wider.
     """
 
     def __init__(self, policy: Policy, always: Sequence[int] = (), state_dtype: torch.dtype | None = None) -> None:
@@ -89,13 +95,13 @@ class TokenGate(StatefulOp):
 
     def reset(self, streams: Sequence[int] | None = None) -> None:
         if streams is None:
-            self._ref = None
+            self._ref = self._score = None
             self._pending_flush.clear()
         else:
             self._pending_flush.update(int(s) for s in streams)
 
     def state_bytes(self) -> int:
-        return tensor_bytes(self._ref)
+        return tensor_bytes(self._ref, self._score)
 
     def forward(self, x: Tensor, changed: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """`changed` [B, c]: the only tokens where x can differ from the last call's x (None: any)."""
@@ -161,10 +167,10 @@ class TokenGate(StatefulOp):
                 empty = (counts == 0).repeat_interleave(k_call).view(-1, *[1] * (x.ndim - 2))
                 selected = torch.where(empty, ref_flat.index_select(0, flat_idx).to(x.dtype), selected)
             ref_flat.index_copy_(0, flat_idx, selected.to(ref.dtype))
-        if any_empty:  # token 0 of an empty stream kept its old reference: score afresh next time
-            self._score = None
-        else:
-            distance.scatter_(1, idx, 0.0)
+        kept = distance[:, 0].clone() if any_empty else None
+        distance.scatter_(1, idx, 0.0)
+        if any_empty:  # token 0 of an empty stream kept its old reference, and its distance
+            distance[:, 0] = torch.where(counts == 0, kept, distance[:, 0])
 
         self.overhead_macs = batch * self._scored * channels + 2 * batch * k_call * channels
         return idx, selected.view(batch, k_call, *x.shape[2:])
@@ -175,7 +181,7 @@ class TokenGate(StatefulOp):
         self._ref = torch.empty_like(x, dtype=self.state_dtype or x.dtype,
                                      memory_format=torch.contiguous_format).copy_(x.detach())
         self._pending_flush.clear()
-        self._score = torch.zeros(batch, num_tokens, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        self._score = torch.zeros(batch, num_tokens, dtype=score_dtype(x.dtype, self._ref.dtype), device=x.device)
         self.last_counts = num_tokens
         self.overhead_macs = x.numel()
         idx = torch.arange(num_tokens, device=x.device).expand(batch, num_tokens)
@@ -189,22 +195,26 @@ class TokenGate(StatefulOp):
         a buffer scores the k tokens written into it, not all N.
         """
         batch, num_tokens = x.shape[:2]
-        last = self._score
+        last, dtype = self._score, score_dtype(x.dtype, ref.dtype)
+
+        def norm(a: Tensor, b: Tensor) -> Tensor:
+            if a.dtype != b.dtype:  # the reference holds x rounded to the state dtype: compare like with like
+                a, b = a.to(b.dtype).to(dtype), b.to(dtype)
+            return torch.linalg.vector_norm((a - b).reshape(batch, a.shape[1], -1), dim=-1, dtype=dtype)
+
         if changed is None or last is None or last.shape != (batch, num_tokens):
             self._scored = num_tokens
-            return torch.linalg.vector_norm((x - ref).reshape(batch, num_tokens, -1), dim=-1,
-                                            dtype=torch.promote_types(x.dtype, torch.float32))
+            return norm(x, ref)
         self._scored = count = changed.shape[1]
         if count == 0:
             return last
         if batch == 1:
-            diff = x[0].index_select(0, changed[0]) - ref[0].index_select(0, changed[0])
+            rows = x[0].index_select(0, changed[0])[None], ref[0].index_select(0, changed[0])[None]
         else:
             flat = flat_token_index(changed, num_tokens)
-            diff = x.reshape(batch * num_tokens, *x.shape[2:]).index_select(0, flat) - \
-                ref.view(batch * num_tokens, *ref.shape[2:]).index_select(0, flat)
-        return last.scatter_(1, changed, torch.linalg.vector_norm(diff.reshape(batch, count, -1), dim=-1,
-                                                                   dtype=last.dtype))
+            rows = (x.reshape(batch * num_tokens, *x.shape[2:]).index_select(0, flat).view(batch, count, -1),
+                    ref.view(batch * num_tokens, *ref.shape[2:]).index_select(0, flat).view(batch, count, -1))
+        return last.scatter_(1, changed, norm(*rows))
 
     def _take_flush(self, batch: int, device: torch.device) -> tuple[list[int], Tensor | None]:
         pending = self._pending_flush

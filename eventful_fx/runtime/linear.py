@@ -17,15 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
-from torch.utils.flop_counter import register_flop_formula
+from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 KERNELS = ("auto", "torch", "onednn")
 
 
-@register_flop_formula(torch.ops.mkldnn._linear_pointwise)
 def _linear_pointwise_flops(x_shape, weight_shape, *args, **kwargs) -> int:
-    """So that `FlopCounterMode` counts the oneDNN kernel like `F.linear` (torch has no formula for it)."""
+    """So that `FlopCounterMode` counts the oneDNN kernel like `F.linear` (torch 2.14 has no formula for it)."""
     return 2 * math.prod(x_shape[:-1]) * weight_shape[0] * weight_shape[1]
+
+
+if torch.ops.mkldnn._linear_pointwise not in flop_registry:
+    register_flop_formula(torch.ops.mkldnn._linear_pointwise)(_linear_pointwise_flops)
 
 
 # (in, out, bias, dtype, threads, row bucket) -> "torch" | "onednn": the timing is per process, like cuDNN's benchmark mode
@@ -33,14 +36,15 @@ _choices: dict[tuple, str] = {}
 
 
 def _onednn_usable(x: Tensor, weight: Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel() > 0
             and torch.backends.mkldnn.is_available()
+            and not weight.is_inference()  # no version counter: an in-place update could not be seen
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
 def _row_bucket(rows: int) -> int:
     # buckets a factor sqrt(2) apart: near the crossover the two kernels are within a few percent anyway
-    return 0 if rows < 1 else int(2 * math.log2(rows))
+    return int(2 * math.log2(rows))
 
 
 class SparseLinear(torch.nn.Module):
@@ -84,7 +88,7 @@ class SparseLinear(torch.nn.Module):
         """The kernel to keep: oneDNN only if its best time beats torch's by `margin` (noise must not flip a tie)."""
         kernels = {"torch": lambda: F.linear(x, weight, bias), "onednn": lambda: self._onednn(x, weight, bias)}
         best = dict.fromkeys(kernels, math.inf)
-        with _disable_current_modes():  # a FlopCounterMode or profiler mode around the call must not see the trials
+        with _disable_current_modes():  # a FlopCounterMode (any dispatch mode) around the call must not count the trials
             for run in kernels.values():  # warm-up: packing, first-touch allocations
                 run()
             for _ in range(repeats):  # alternating, so a slow spell of a noisy machine hits both
