@@ -37,7 +37,7 @@ import torch.fx as fx
 from ..passes import ops
 from ..passes.ops import node_value, op_kind, tensor_shape
 from ..passes.regions import AttentionSite, Region
-from ..passes.rewrite import gateable_sdpa_args, joinable
+from ..passes.rewrite import gateable_sdpa_args, joinable, runs_incremental
 from ..passes.tokens import NodeInfo
 from ..runtime.gate import score_dtype
 
@@ -260,7 +260,7 @@ class _Walk:
         self.add("buffer", f"buf_{node.name}", gate, 0, per_token, per_token * k)
         if self.state_dtype is not None and self.state_dtype != _dtype(node):  # returns a converted copy
             self.add("buffer", f"buf_{node.name}.convert", gate, per_token * n, 0, per_token * self.tokens(n))
-        self.memory(f"buf_{node.name}", gate, math.prod(shape), self.state_size or _element_size(node),
+        self.memory(f"buf_{node.name}", gate, math.prod(shape), self.state_size or _dtype(node).itemsize,
                     per_token * self.tokens(n))
 
     def region_input(self, region: Region) -> str:
@@ -288,7 +288,7 @@ class _Walk:
             self.add("gate", f"{name}.score", name, self.batch * n * channels, 0, B * N * C)
         else:  # reads a buffer: scores only the tokens written into it
             self.add("gate", f"{name}.score", upstream, 0, self.batch * channels, B * C * self.cm.k[upstream])
-        self.memory(name, name, math.prod(shape), self.state_size or _element_size(root), B * N * C)
+        self.memory(name, name, math.prod(shape), self.state_size or _dtype(root).itemsize, B * N * C)
         dtype = _dtype(root)
         distances = score_dtype(dtype, self.state_dtype or dtype).itemsize
         self.memory(f"{name}.distance", name, self.batch * n, distances, B * N)
@@ -361,13 +361,12 @@ class _Walk:
         g = self.cm.gates[gate]
         g.sites.append(site.name)
         g.dense_macs += int(self.infos[node].macs)
-        if mode == "incremental" and k in self.sparse and v in self.sparse and \
-                self.sparse[k][0] == gate and self.sparse[v][0] == gate:
+        if runs_incremental(site, mode, lambda a: self.sparse[a][0] if a in self.sparse else None):
             self.cm.converted_sites[site.name] = "incremental"
             per_k = bh * (n * (2 * d + 3 * dv) + 3 * n + 2 * d + 3 * dv + 2)
             expr = bh * ks * (N * (2 * d + 3 * dv) + 3 * N + 2 * d + 3 * dv + 2)
             self.add("attention", site.name, gate, 0, per_k, expr)
-            self.memory(site.name, gate, bh * n * (2 * d + 2 * dv + n + 2), _element_size(q),
+            self.memory(site.name, gate, bh * n * (2 * d + 2 * dv + n + 2), _dtype(q).itemsize,
                         bh * N * (2 * d + 2 * dv + N + 2))
             self.cm.node_macs[node.name] = expr
             self.sources[node] = frozenset([_MIXED])  # new keys and values reach every query's output
@@ -394,8 +393,3 @@ class _Walk:
 def _dtype(node: fx.Node) -> torch.dtype:
     value = node_value(node)
     return value.dtype if isinstance(value, torch.Tensor) else torch.float32
-
-
-def _element_size(node: fx.Node) -> int:
-    value = node_value(node)
-    return value.element_size() if value is not None and hasattr(value, "element_size") else 4

@@ -304,8 +304,7 @@ class EventfulRewrite:
         q_data, idx, q_layout = self.sparse[q]
         mask = self.full(attn_mask) if isinstance(attn_mask, fx.Node) else attn_mask
         name = site.name
-        if mode == "incremental" and k in self.sparse and v in self.sparse and \
-                self.sparse[k][1] is idx and self.sparse[v][1] is idx:
+        if runs_incremental(site, mode, lambda a: self.sparse[a][1] if a in self.sparse else None):
             self.modules[name] = IncrementalAttention(tensor_shape(k)[-2])
             self.env[node] = self.graph.call_module(name, (q_data, self.sparse[k][0], self.sparse[v][0], idx, mask, scale))
         else:
@@ -313,6 +312,14 @@ class EventfulRewrite:
             out = self.graph.call_module(name, (q_data, self.full(k), self.full(v), idx, mask, scale))
             self.sparse[node] = (out, idx, self.infos[node].layout)
         return True
+
+
+def runs_incremental(site: AttentionSite, mode: str, token_set_of) -> bool:
+    """Whether a gated site runs incremental attention: asked for, and its keys and values are carried
+    sparse on its queries' tokens (otherwise it runs query-gated). `token_set_of(a)`: a's token set, or None."""
+    queries = token_set_of(site.q)
+    return mode == "incremental" and all(token_set_of(a) is not None and token_set_of(a) == queries
+                                         for a in (site.k, site.v))
 
 
 def joinable(node: fx.Node, infos: dict[fx.Node, NodeInfo], sparse_of):

@@ -58,6 +58,13 @@ def score_dtype(x_dtype: torch.dtype, state_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(torch.promote_types(x_dtype, state_dtype), torch.float32)
 
 
+def _token_distances(x: Tensor, ref: Tensor, dtype: torch.dtype) -> Tensor:
+    """||x - ref|| per token of [B, n, ...] tensors, in `dtype`."""
+    if x.dtype != ref.dtype:  # the reference holds x rounded to the state dtype: compare like with like
+        x, ref = x.to(ref.dtype).to(dtype), ref.to(dtype)
+    return torch.linalg.vector_norm((x - ref).reshape(*x.shape[:2], -1), dim=-1, dtype=dtype)
+
+
 def _rank(score: Tensor) -> Tensor:
     # a stable sort breaks ties (e.g. unchanged tokens, all at 0) towards the lower token
     # index, so a stream's choice never depends on the batch it runs in; topk does not promise that
@@ -196,25 +203,14 @@ class TokenGate(StatefulOp):
         """
         batch, num_tokens = x.shape[:2]
         last, dtype = self._score, score_dtype(x.dtype, ref.dtype)
-
-        def norm(a: Tensor, b: Tensor) -> Tensor:
-            if a.dtype != b.dtype:  # the reference holds x rounded to the state dtype: compare like with like
-                a, b = a.to(b.dtype).to(dtype), b.to(dtype)
-            return torch.linalg.vector_norm((a - b).reshape(batch, a.shape[1], -1), dim=-1, dtype=dtype)
-
         if changed is None or last is None or last.shape != (batch, num_tokens):
             self._scored = num_tokens
-            return norm(x, ref)
-        self._scored = count = changed.shape[1]
-        if count == 0:
+            return _token_distances(x, ref, dtype)
+        self._scored = changed.shape[1]
+        if self._scored == 0:
             return last
-        if batch == 1:
-            rows = x[0].index_select(0, changed[0])[None], ref[0].index_select(0, changed[0])[None]
-        else:
-            flat = flat_token_index(changed, num_tokens)
-            rows = (x.reshape(batch * num_tokens, *x.shape[2:]).index_select(0, flat).view(batch, count, -1),
-                    ref.view(batch * num_tokens, *ref.shape[2:]).index_select(0, flat).view(batch, count, -1))
-        return last.scatter_(1, changed, norm(*rows))
+        moved = _token_distances(gather_tokens(x, changed), gather_tokens(ref, changed), dtype)
+        return last.scatter_(1, changed, moved)
 
     def _take_flush(self, batch: int, device: torch.device) -> tuple[list[int], Tensor | None]:
         pending = self._pending_flush
