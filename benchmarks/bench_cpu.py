@@ -33,9 +33,9 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     rows = []
     for name in args.models.split(","):
+        torch.manual_seed(0)  # a model's weights must not depend on which models were listed before it
         model = timm.create_model(name, pretrained=False).eval()
         size = model.pretrained_cfg["input_size"][-1]
         frames = builtin_clip(size=size, max_frames=args.frames)
