@@ -44,9 +44,18 @@ class AttentionSite:
 
 
 def find_regions(gm: fx.GraphModule, infos: dict[fx.Node, NodeInfo],
-                 gate_after_norm: bool = False) -> tuple[list[Region], list[AttentionSite]]:
-    """Regions and attention sites. `gate_after_norm`: a norm read straight from a root stays
-    dense and its output becomes the root, so gates compare normalised tokens."""
+                 dense_residual: bool = True) -> tuple[list[Region], list[AttentionSite]]:
+    """Regions and attention sites.
+
+    `dense_residual`: a norm or element-wise op that would open a region (read straight from
+    a root) stays dense and its output becomes the root. The residual stream then stays
+    dense (its adds, the norms read from it, the position-embedding add) and each gate sits
+    in front of a branch's first linear, comparing normalised tokens: a token the gate
+    skips keeps only its stale branch output, while its own change flows on through the
+    skip connections. Gating the residual stream instead (False) runs whole blocks on the
+    selected tokens, so a skipped token's entire state goes stale: on ViT-B/224 at budget
+    0.25 that doubles the all-token error (0.42 against 0.21) for the same MACs.
+    """
     regions: dict[fx.Node, Region] = {}
     member_of: dict[fx.Node, Region] = {}
     sites = []
@@ -64,7 +73,7 @@ def find_regions(gm: fx.GraphModule, infos: dict[fx.Node, NodeInfo],
         if len(roots) != 1:
             continue
         root = roots.pop()
-        if gate_after_norm and info.kind == ops.NORM and all(a not in member_of for a in token_inputs):
+        if dense_residual and info.kind in (ops.NORM, ops.ELEMENTWISE) and all(a not in member_of for a in token_inputs):
             continue
         root_layout = infos[root].layout
         if root_layout is None or not (root_layout.clean and root_layout.stream_major):
