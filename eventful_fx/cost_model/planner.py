@@ -39,6 +39,7 @@ class Decision:
     state_bytes: int
     objective: float
     feasible: bool                 # the budget can be met at all (else: every gate at its least k)
+    predicted_error: float | None = None  # squared relative output error, from a calibration's fit
 
     @property
     def key(self):
@@ -57,6 +58,7 @@ class Planner:
         self.objective = "error"  # or "uniform": one k/N for every gate (the baseline the solver is measured against)
         self.candidates = frozenset(r.name for r in regions if any(infos[n].macs for n in r.nodes)
                                     or _feeds_attention(r, sites))
+        self.fits: dict[str, ErrorFit] = {}  # per attention mode: a calibration's weights and intercept
         self._models: dict = {}
         self._solvers: dict = {}
 
@@ -68,11 +70,16 @@ class Planner:
                                                  gated, attention, self.state_dtype)
         return self._models[key]
 
-    def solver(self, cm: CostModel) -> BudgetSolver:
-        key = id(cm)
+    def solver(self, cm: CostModel, mode: str) -> BudgetSolver:
+        key = (id(cm), mode)
         if key not in self._solvers:
-            self._solvers[key] = BudgetSolver(cm, self.weights)
+            self._solvers[key] = BudgetSolver(cm, self.fits[mode].weights if mode in self.fits else self.weights)
         return self._solvers[key]
+
+    def set_fit(self, mode: str, fit: ErrorFit) -> None:
+        """A calibration's error model for plans whose attention runs in `mode`."""
+        self.fits[mode] = fit
+        self._solvers.clear()
 
     def modes(self, mode: str) -> dict[str, str]:
         return {s.name: mode for s in self.sites}
@@ -80,19 +87,20 @@ class Planner:
     # -- planning ---------------------------------------------------------------------------
     def plan(self, budget: float, *, uniform: bool | None = None) -> Decision:
         uniform = self.objective == "uniform" if uniform is None else uniform
-        return self._plan(budget, self.modes(self.attention), uniform)
+        return self._plan(budget, self.attention, uniform)
 
-    def _plan(self, budget: float, attention: dict[str, str], uniform: bool) -> Decision:
+    def _plan(self, budget: float, mode: str, uniform: bool) -> Decision:
+        attention = self.modes(mode)
         gated = self.candidates
         cap = self.memory_cap_bytes
         for _ in range(4 * len(self.regions) + 4):
             cm = self.model(gated, attention)
             if uniform:
                 ks = uniform_ks(cm, budget)
-                sol = Solution(ks, set(), cm.predict_macs(ks), self.solver(cm).objective(
+                sol = Solution(ks, set(), cm.predict_macs(ks), self.solver(cm, mode).objective(
                     np.array([ks[g] for g in cm.gates]), np.ones(len(cm.gates), bool)), True)
             else:
-                sol = self.solver(cm).solve(budget)
+                sol = self.solver(cm, mode).solve(budget)
             if sol.ungated:  # gates not worth their overhead at this budget: the regions run densely
                 gated = gated - _regions_of(cm, sol.ungated)
                 continue
@@ -103,9 +111,18 @@ class Planner:
                     continue
                 gated = gated - _regions_of(cm, {_least_saving_per_byte(cm, sol)})
                 continue
+            fit = self.fits.get(mode)
             return Decision(gated, attention, sol.ks, cm, sol.predicted_macs, cm.state_bytes(), sol.objective,
-                            sol.feasible)
+                            sol.feasible, None if fit is None else fit.intercept + sol.objective)
         raise RuntimeError("eventful_fx planner: no structure met the constraints")  # pragma: no cover
+
+
+@dataclass
+class ErrorFit:
+    """A calibrated error model: squared output error = intercept + sum_g weights[g] · psi(k_g / N_g)."""
+
+    weights: dict[str, float]
+    intercept: float
 
 
 def _regions_of(cm: CostModel, gates: set[str]) -> set[str]:
