@@ -1,7 +1,8 @@
 """EventfulModule: the stateful model `eventful_fx.compile` returns.
 
 Owns the lazy capture (on the first frame, or at once with `example_input=`), the plan for
-the current budget, the per-frame statistics and the reset of every stateful op. A frame
+the current budget (with the error model calibrated on a clip: `calibration.py`), the
+per-frame statistics and the reset of every stateful op. A frame
 with a different shape, dtype, device or batch size (number of streams) re-captures, with a
 warning, and starts with a flush; a frame holding NaN or inf raises before touching state.
 """
@@ -15,13 +16,15 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
-from .cost_model.planner import Decision, Planner
+from .calibration import CALIBRATION_FRAMES, Calibration, base_fraction, calibrate
+from .cost_model.planner import Decision, ErrorFit, Planner
 from .passes.capture import capture
 from .passes.regions import find_regions
 from .passes.rewrite import ATTENTION_MODES, EventfulRewrite, Plan, RegionGate
 from .passes.tokens import TokenAnalysis
 from .runtime import StatefulOp, Threshold, TopK
 from .runtime.linear import KERNELS
+from .video import builtin_clip
 
 
 @dataclass
@@ -45,7 +48,8 @@ class EventfulModule(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, budget: float = 0.25, *, policy: str = "topk",
                  threshold: float = 0.1, attention: str = "query", refresh: int | None = None,
                  check_finite: bool = True, example_input=None, memory_cap_bytes: int | None = None,
-                 gate_after_norm: bool = False, linear_kernel: str = "auto", state_dtype: torch.dtype | None = None):
+                 dense_residual: bool = True, linear_kernel: str = "auto", state_dtype: torch.dtype | None = None,
+                 calibration="builtin"):
         super().__init__()
         _check_budget(budget)
         if policy not in ("topk", "threshold"):
@@ -58,6 +62,10 @@ class EventfulModule(torch.nn.Module):
             raise ValueError(f"linear_kernel must be one of {KERNELS}, got {linear_kernel!r}")
         if state_dtype is not None and state_dtype not in _STATE_DTYPES:
             raise ValueError(f"state_dtype must be one of {_STATE_DTYPES} or None, got {state_dtype!r}")
+        if not (calibration is None or isinstance(calibration, (torch.Tensor, list, tuple))
+                or (isinstance(calibration, str) and calibration == "builtin")):
+            raise ValueError(f"calibration must be 'builtin', None or frames [T, ...] to calibrate on, "
+                             f"got {calibration!r}")
         if refresh is not None and refresh < 1:
             raise ValueError(f"refresh must be a positive number of frames or None, got {refresh!r}")
         self.model = model.eval()
@@ -65,7 +73,7 @@ class EventfulModule(torch.nn.Module):
         self.policy, self.threshold, self.attention, self.refresh = policy, threshold, attention, refresh
         self.check_finite = check_finite
         self.memory_cap_bytes = memory_cap_bytes
-        self.gate_after_norm = gate_after_norm
+        self.dense_residual = dense_residual
         self.linear_kernel = linear_kernel
         self.state_dtype = state_dtype
         self.graph_module: fx.GraphModule | None = None
@@ -74,6 +82,11 @@ class EventfulModule(torch.nn.Module):
         self._signature = None
         self._frames_since_flush = 0
         self.stats = FrameStats()
+        self._calibrations: dict[float, Calibration] = {}  # per calibration point (`calibration.base_fraction`)
+        self._calibration_source = calibration
+        self._calibrating = False
+        if example_input is None and isinstance(calibration, torch.Tensor):
+            example_input = calibration[:1]  # a calibration clip is an example of the input
         if example_input is not None:
             self._build(_as_tuple(example_input))
 
@@ -100,6 +113,31 @@ class EventfulModule(torch.nn.Module):
         if streams is None:
             self._frames_since_flush = 0
 
+    def calibrate(self, frames, fraction: float | None = None) -> Calibration:
+        """Fit the planner's error model to this model on a clip and re-plan (see `calibration.py`).
+
+        `frames`: [T, ...] consecutive frames of one stream (every stream of a batch gets
+        them), or a list of input tuples; `fraction`: the calibration point (default: the
+        one nearest the budget). The plan stays a pure function of the budget; the module is
+        reset (the next frame is a flush).
+        """
+        fraction = fraction or base_fraction(self._budget)
+        inputs = [_as_tuple(x) for x in frames] if not isinstance(frames, torch.Tensor) else None
+        if self.graph_module is None:
+            self._build(inputs[0] if inputs else (frames[:1],))
+        if inputs is None:
+            batch = self._signature[0][0][0] if self._signature and self._signature[0] else 1
+            inputs = [(f[None].expand(batch, *f.shape),) for f in frames]
+        self._calibrating = True
+        try:
+            calibration = calibrate(self, inputs, fraction)
+        finally:
+            self._calibrating = False
+        self._calibrations[fraction] = calibration
+        self._apply_plan()
+        self.reset()
+        return calibration
+
     def state_bytes(self) -> int:
         return sum(m.state_bytes() for m in self._stateful())
 
@@ -117,7 +155,9 @@ class EventfulModule(torch.nn.Module):
                           "the model and starting with a dense flush", stacklevel=2)
             self._build(inputs)
         if self.refresh is not None and self._frames_since_flush >= self.refresh:
-            self.reset()
+            for module in self._stateful():  # a flush of the same video: frames stay consecutive
+                module.reset()
+            self._frames_since_flush = 0
         flush = self._frames_since_flush == 0
         with torch.no_grad():
             out = self.graph_module(*inputs)
@@ -126,16 +166,22 @@ class EventfulModule(torch.nn.Module):
         return out
 
     # -- internals ------------------------------------------------------------------------
+    def _run_policies(self, policies: dict) -> None:
+        """Run the gates with these policies (calibration); the next plan overrides them."""
+        for name, gate in self._gates().items():
+            gate.policy = policies[name]
+
     def _build(self, inputs: tuple) -> None:
         gm = capture(self.model, inputs)
         infos = TokenAnalysis(gm).run()
-        regions, sites = find_regions(gm, infos, gate_after_norm=self.gate_after_norm)
+        regions, sites = find_regions(gm, infos, dense_residual=self.dense_residual)
         batch = _batch_size(infos, inputs)
         self._captured = (gm, infos, regions, sites, batch)
         self._dense_macs = sum(i.macs for i in infos.values())
         self._signature = tuple(_signature(x) for x in inputs)
         self.planner = Planner(gm, infos, regions, sites, batch, attention=self.attention,
                                memory_cap_bytes=self.memory_cap_bytes, state_dtype=self.state_dtype)
+        self._calibrations = {}  # a new graph: its gates must be measured again
         self.graph_module = None
         self._apply_plan()
 
@@ -156,8 +202,47 @@ class EventfulModule(torch.nn.Module):
     def _stateful(self):
         return [] if self.graph_module is None else self._stateful_modules
 
+    def _calibration_frames(self) -> torch.Tensor | None:
+        """The clip to calibrate on: the user's, or the built-in clip at the input's size (image inputs only)."""
+        source = self._calibration_source
+        if source is None or isinstance(source, (torch.Tensor, list, tuple)):
+            return source
+        shape, dtype, device = self._signature[0] if len(self._signature) == 1 and isinstance(
+            self._signature[0], tuple) else ((), None, None)
+        if len(shape) != 4 or shape[1] != 3 or not dtype.is_floating_point:
+            return None  # not a batch of RGB frames: the uniform plan
+        h, w = shape[2:]
+        frames = builtin_clip(size=max(h, w), max_frames=CALIBRATION_FRAMES)
+        if h != w:
+            frames = torch.nn.functional.interpolate(frames, size=(h, w), mode="bilinear", align_corners=False)
+        return frames.to(device=device, dtype=dtype)
+
     def _apply_plan(self) -> None:
-        """Plan for the current budget; rewrite only when the structure (gated regions, attention modes) changes."""
+        """Plan for the current budget; rewrite only when the structure (gated regions, attention modes) changes.
+
+        Below budget 1 (top-k policy) the plan uses the error model calibrated at the nearest
+        calibration point, measured the first time it is needed."""
+        point = base_fraction(self._budget)
+        if self._budget < 1 and point not in self._calibrations and not self._calibrating \
+                and self.policy == "topk":
+            frames = self._calibration_frames()
+            if frames is not None:
+                self.planner.fits.pop(self.attention, None)
+                self._plan_for_budget()
+                self.calibrate(frames, point)
+                return
+        if point in self._calibrations:
+            fit = self._calibrations[point]
+            if self.planner.fits.get(self.attention, ErrorFit({}, 0.0)).weights is not fit.weights:
+                self.planner.set_fit(self.attention, ErrorFit(fit.weights, fit.intercept))
+        self._plan_for_budget()
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The calibration the current plan uses (None: the uniform plan)."""
+        return self._calibrations.get(base_fraction(self._budget)) if self._budget < 1 else None
+
+    def _plan_for_budget(self) -> None:
         decision = self.planner.plan(self._budget)
         if not decision.feasible:
             warnings.warn(f"eventful_fx: budget {self._budget} is below what this model can reach (every gate at its "
