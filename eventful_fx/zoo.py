@@ -1,0 +1,45 @@
+"""Views of zoo models that expose what users read: a ViT's output tokens next to its logits.
+
+A class-token head hides most of an eventful model's error (most tokens never reach it), so
+fidelity is measured on every output token of the backbone as well as on the logits.
+`TokensAndLogits` runs a timm VisionTransformer once and returns both: the tokens after the
+last block (no final norm, no head: what a detector or segmenter head reads) and the logits.
+`Tokens` returns the tokens alone (a backbone). Both share the model's parameters.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class TokensAndLogits(torch.nn.Module):
+    """(tokens [B, N, C] after the last block, logits [B, classes]) of a timm VisionTransformer."""
+
+    def __init__(self, vit: torch.nn.Module):
+        super().__init__()
+        missing = [a for a in ("patch_embed", "_pos_embed", "blocks", "norm", "forward_head") if not hasattr(vit, a)]
+        if missing:
+            raise TypeError(f"TokensAndLogits needs a timm VisionTransformer; {type(vit).__name__} has no "
+                            f"{', '.join(missing)}")
+        self.vit = vit
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vit = self.vit
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        tokens = vit.blocks(x)
+        return tokens, vit.forward_head(vit.norm(tokens))
+
+
+class Tokens(TokensAndLogits):
+    """The tokens [B, N, C] after the last block of a timm VisionTransformer: the backbone, no final norm, no head."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vit = self.vit
+        return vit.blocks(vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x)))))
+
+
+def tokens_and_logits(model: torch.nn.Module) -> torch.nn.Module:
+    """`TokensAndLogits(model)` for a timm VisionTransformer, else the model itself."""
+    try:
+        return TokensAndLogits(model).eval()
+    except TypeError:
+        return model
