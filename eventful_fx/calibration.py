@@ -20,9 +20,10 @@ against the dense model, summed over the incremental frames, is fitted by least 
     E = e0 + sum_c w_c · psi(f_c),
 
 (e0 absorbs what no fraction explains, e.g. the first frames' smaller staleness), and
-each gate of group c gets w_c / |c|. A group whose fit is below a twentieth of its MACs'
+each gate of group c gets w_c / |c|. The fit is kept only if the plan it gives at the base
+plan's MACs beats the base plan (uniform) on the same frames; else the weights stay uniform. A group whose fit is below a twentieth of its MACs'
 share is floored there, so noise never starves it. The plan for any budget is then a pure
-function of the budget again: only the weights changed. Costs groups + 1 runs over the
+function of the budget again: only the weights changed. Costs groups + 2 runs over the
 frames per point (ViT-B/224, 5 frames, 6 groups: about five seconds on two cores).
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_leaves
 
-from .cost_model.solver import staleness
+from .cost_model.solver import BudgetSolver, staleness
 from .runtime import TopK
 
 CALIBRATION_FRAMES = 5
@@ -58,6 +59,8 @@ class Calibration:
     group_weights: list[float]               # w_c
     weights: dict[str, float]                # per gate: w_c / |c|
     intercept: float                         # e0
+    kept: bool                               # the fitted plan beat the uniform one on the frames (else uniform)
+    checked_error: float                     # the fitted plan's error on the frames
     frames: int
     seconds: float
     notes: list[str] = field(default_factory=list)
@@ -111,17 +114,8 @@ def calibrate(emodel, inputs: list[tuple], fraction: float = 0.25, depth_groups:
         for fractions in runs:
             ks = {g: max(gates[g].min_k, min(gates[g].num_tokens, round(f * gates[g].num_tokens)))
                   for group, f in zip(groups, fractions) for g in group}
-            emodel._run_policies({name: TopK(ks[name]) for name in ks})
-            emodel.reset()
-            err = norm = 0.0
-            with torch.no_grad():
-                for t, x in enumerate(inputs):
-                    out = emodel.graph_module(*x)
-                    if t:
-                        e, n = output_error(out, references[t])
-                        err, norm = err + e, norm + n
             rows.append([float(staleness(np.mean([ks[g] / gates[g].num_tokens for g in group]))) for group in groups])
-            errors.append(err / max(norm, 1e-30))
+            errors.append(_clip_error(emodel, ks, inputs, references))
     finally:
         emodel.reset()
     design = np.hstack([np.array(rows), np.ones((len(rows), 1))])
@@ -134,6 +128,34 @@ def calibrate(emodel, inputs: list[tuple], fraction: float = 0.25, depth_groups:
     group_weights = np.maximum(fit[:-1], floor)
     notes = [f"group {i} floored ({fit[i]:.3g} -> {floor[i]:.3g})" for i in range(len(groups)) if fit[i] < floor[i]]
     weights = {g: float(group_weights[i]) / len(group) for i, group in enumerate(groups) for g in group}
+    # keep the fit only if its plan beats the base plan (uniform, same MACs) on the calibration frames
+    budget = cost_model.predict_macs({g: max(gates[g].min_k, round(fraction * gates[g].num_tokens))
+                                      for g in gates}) / cost_model.dense_macs
+    solution = BudgetSolver(cost_model, weights).solve(budget)
+    ks = {g: solution.ks.get(g, gates[g].num_tokens) for g in gates}
+    try:
+        checked = _clip_error(emodel, ks, inputs, references)
+    finally:
+        emodel.reset()
+    kept = checked < errors[0]
+    if not kept:
+        notes.append(f"the fitted plan lost to the uniform plan on these frames ({checked:.3g} against "
+                     f"{errors[0]:.3g}): uniform weights kept")
+        weights = {g: float(gate.per_k) * gate.num_tokens for g, gate in gates.items()}  # the uniform plan's
     mode = "/".join(sorted(set(cost_model.converted_sites.values()))) or "dense"
-    return Calibration(mode, fraction, groups, runs, errors, [float(w) for w in group_weights], weights, float(fit[-1]),
-                       len(inputs), time.perf_counter() - start, notes)
+    return Calibration(mode, fraction, groups, runs, errors, [float(w) for w in group_weights], weights,
+                       float(fit[-1]) if kept else 0.0, kept, checked, len(inputs), time.perf_counter() - start, notes)
+
+
+def _clip_error(emodel, ks: dict[str, int], inputs: list[tuple], references: list) -> float:
+    """Squared relative error of all outputs, summed over the incremental frames, with each gate at its k."""
+    emodel._run_policies({name: TopK(ks[name]) for name in ks})
+    emodel.reset()
+    err = norm = 0.0
+    with torch.no_grad():
+        for t, x in enumerate(inputs):
+            out = emodel.graph_module(*x)
+            if t:
+                e, n = output_error(out, references[t])
+                err, norm = err + e, norm + n
+    return err / max(norm, 1e-30)
