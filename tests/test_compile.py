@@ -201,17 +201,18 @@ def test_new_shape_or_batch_recaptures_with_warning(clip):
         emodel(x[1:].double())  # same signature as the last call: no new capture
 
 
-def test_gate_after_norm_is_exact_at_budget_one(clip):
+def test_dense_residual_is_exact_at_budget_one(clip):
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224").eval()
-    before, after = (eventful_fx.compile(model, budget=1.0, gate_after_norm=g) for g in (False, True))
+    stream, branch = (eventful_fx.compile(model, budget=1.0, dense_residual=d) for d in (False, True))
     for frame in clip[:4]:
         with torch.no_grad():
             dense = model(frame[None])
-        assert rel_err(after(frame[None]), dense) <= 1e-4
-        before(frame[None])
-    roots = lambda m: {n for n in m.plan.gates}  # noqa: E731
-    assert any("layer_norm" in n for n in roots(after)) and not any("layer_norm" in n for n in roots(before))
+        assert rel_err(branch(frame[None]), dense) <= 1e-4
+        assert rel_err(stream(frame[None]), dense) <= 1e-4
+    # gates sit after the norms, never on the embedding or the residual stream
+    assert all("layer_norm" in n for n in branch.plan.gates)
+    assert not all("layer_norm" in n for n in stream.plan.gates)
 
 
 def test_reset_of_one_stream_flushes_only_that_stream(clip):

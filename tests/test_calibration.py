@@ -1,0 +1,102 @@
+"""Calibration: the planner's error model fitted to a model and a few frames (eventful_fx/calibration.py)."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import eventful_fx
+from eventful_fx.calibration import CALIBRATION_FRAMES
+from eventful_fx.video import builtin_clip
+from eventful_fx.zoo import Tokens
+
+
+def rel_err(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return builtin_clip(size=224, max_frames=12)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    return Tokens(timm.create_model("vit_small_patch16_224").eval()).eval()
+
+
+def clip_error(emodel, model, frames) -> float:
+    emodel.reset()
+    errs = []
+    for t, frame in enumerate(frames):
+        with torch.no_grad():
+            dense = model(frame[None])
+        out = emodel(frame[None])
+        if t:
+            errs.append(rel_err(out, dense))
+    return sum(errs) / len(errs)
+
+
+def test_calibrated_plan_beats_the_uniform_plan_at_equal_macs(backbone, clip):
+    uniform = eventful_fx.compile(backbone, budget=0.25, calibration=None)
+    calibrated = eventful_fx.compile(backbone, budget=0.25, calibration=clip[:CALIBRATION_FRAMES])
+    cal = calibrated.calibration
+    assert len(cal.errors) == len(cal.groups) + 1 and cal.seconds > 0
+    # MLP gates (more MACs per token) were measured to matter more than the attention gates
+    mlp = max(range(len(cal.groups)), key=lambda i: calibrated.decision.model.gates[cal.groups[i][0]].per_k)
+    assert cal.group_weights[mlp] > max(w for i, w in enumerate(cal.group_weights) if i != mlp)
+    u, c = clip_error(uniform, backbone, clip), clip_error(calibrated, backbone, clip)
+    print(f"vit_small @0.25: uniform {u:.4f}, calibrated {c:.4f}")
+    assert calibrated.stats.macs <= 0.25 * calibrated.stats.dense_macs
+    assert c < 0.97 * u
+
+
+def test_plan_stays_a_function_of_the_budget(backbone, clip):
+    emodel = eventful_fx.compile(backbone, budget=0.25, calibration=clip[:CALIBRATION_FRAMES])
+    ks = dict(emodel.decision.ks)
+    emodel.budget = 0.5
+    emodel.budget = 0.25
+    assert emodel.decision.ks == ks
+    emodel.budget = 1.0  # calibrated weights never cost exactness
+    for frame in clip[:3]:
+        with torch.no_grad():
+            dense = backbone(frame[None])
+        assert rel_err(emodel(frame[None]), dense) <= 1e-4
+
+
+def test_default_calibrates_on_the_builtin_clip_once_per_point(backbone, clip):
+    """No options: a plan below budget 1 is calibrated on the built-in clip, whatever the stream shows (so a
+    stream's plan never depends on the other streams of its batch), once per calibration point."""
+    emodel = eventful_fx.compile(backbone, budget=1.0)
+    emodel(clip[0][None])
+    assert emodel.calibration is None  # budget 1.0: nothing to plan
+    emodel.budget = 0.25
+    first = emodel.calibration
+    assert first is not None and first.frames == CALIBRATION_FRAMES and first.fraction == 0.25
+    emodel.budget = 0.22  # nearest point is still 1/4: no new measurement
+    for frame in clip[1:4]:
+        emodel(frame[None])
+    assert emodel.calibration is first
+    emodel.budget = 0.5
+    assert emodel.calibration.fraction == 0.5
+    emodel.budget = 0.25
+    assert emodel.calibration is first
+    explicit = eventful_fx.compile(backbone, budget=0.25, calibration=builtin_clip(224, CALIBRATION_FRAMES))
+    assert explicit.decision.ks == emodel.decision.ks
+
+
+def test_no_calibration_under_threshold_or_without_image_input(backbone, clip):
+    emodel = eventful_fx.compile(backbone, budget=0.25, policy="threshold")
+    emodel(clip[0][None])
+    assert emodel.calibration is None
+    emodel = eventful_fx.compile(backbone, budget=0.25, calibration=None)
+    emodel(clip[0][None])
+    assert emodel.calibration is None and not emodel.planner.fits
+
+
+def test_bad_calibration_arguments(backbone, clip):
+    with pytest.raises(ValueError, match="calibration must be"):
+        eventful_fx.compile(backbone, calibration="always")
+    with pytest.raises(ValueError, match="at least 3 consecutive frames"):
+        eventful_fx.compile(backbone, calibration=clip[:2])
