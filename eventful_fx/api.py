@@ -118,8 +118,8 @@ class EventfulModule(torch.nn.Module):
 
         `frames`: [T, ...] consecutive frames of one stream (every stream of a batch gets
         them), or a list of input tuples; `fraction`: the calibration point (default: the
-        one nearest the budget). The plan stays a pure function of the budget; the module is
-        reset (the next frame is a flush).
+        one nearest the budget). It runs on a second eventful graph: the streams' state is
+        untouched, and the plan stays a pure function of the budget.
         """
         fraction = fraction or base_fraction(self._budget)
         inputs = [_as_tuple(x) for x in frames] if not isinstance(frames, torch.Tensor) else None
@@ -130,12 +130,11 @@ class EventfulModule(torch.nn.Module):
             inputs = [(f[None].expand(batch, *f.shape),) for f in frames]
         self._calibrating = True
         try:
-            calibration = calibrate(self, inputs, fraction)
+            calibration = calibrate(_Replica(self), inputs, fraction)
         finally:
             self._calibrating = False
         self._calibrations[fraction] = calibration
         self._apply_plan()
-        self.reset()
         return calibration
 
     def state_bytes(self) -> int:
@@ -166,11 +165,6 @@ class EventfulModule(torch.nn.Module):
         return out
 
     # -- internals ------------------------------------------------------------------------
-    def _run_policies(self, policies: dict) -> None:
-        """Run the gates with these policies (calibration); the next plan overrides them."""
-        for name, gate in self._gates().items():
-            gate.policy = policies[name]
-
     def _build(self, inputs: tuple) -> None:
         gm = capture(self.model, inputs)
         infos = TokenAnalysis(gm).run()
@@ -274,6 +268,27 @@ class EventfulModule(torch.nn.Module):
             overhead += module.overhead_macs
         self.stats = FrameStats(macs=int(round(macs)) + overhead, dense_macs=self._dense_macs, overhead_macs=overhead,
                                 tokens={name: g.last_k for name, g in gates.items()}, flush=flush)
+
+
+class _Replica:
+    """A second eventful graph of a module's current plan, with state of its own: calibration runs it with
+    plans of its choosing while the module's streams keep theirs. Parameters are shared, not copied."""
+
+    def __init__(self, emodel: EventfulModule):
+        gm, infos, regions, sites, batch = emodel._captured
+        self.graph_module = EventfulRewrite(infos, regions, sites, emodel._plan, batch, emodel.linear_kernel,
+                                            emodel.state_dtype).call(gm)
+        self.gates = {n: m for n, m in self.graph_module.named_children() if isinstance(m, RegionGate)}
+        self.stateful = [m for m in self.graph_module.modules() if isinstance(m, StatefulOp)]
+        self.model, self.decision = emodel.model, emodel.decision
+
+    def set_policies(self, policies: dict) -> None:
+        for name, gate in self.gates.items():
+            gate.policy = policies[name]
+
+    def reset(self) -> None:
+        for module in self.stateful:
+            module.reset()
 
 
 _STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

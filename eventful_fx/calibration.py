@@ -91,11 +91,13 @@ def output_error(outputs, references) -> tuple[float, float]:
 
 
 def calibrate(emodel, inputs: list[tuple], fraction: float = 0.25, depth_groups: int = 3) -> Calibration:
-    """Fit the planner's per-gate weights of `emodel` (a built EventfulModule) on consecutive inputs.
+    """Fit the planner's per-gate weights for `emodel`'s plan structure on consecutive inputs.
+
+    `emodel`: an eventful graph to run (`graph_module`, `reset()`, `set_policies(policies)`),
+    with the dense `model` and the `decision` whose structure it was built for.
 
     `inputs`: one tuple of model inputs per frame (all streams of a batch at once);
-    `fraction`: f0, the fraction of its tokens every gate updates in the base plan. Leaves
-    the module reset, its gates' policies to be re-set by the next plan.
+    `fraction`: f0, the fraction of its tokens every gate updates in the base plan.
     """
     if len(inputs) < 3:
         raise ValueError(f"calibration needs at least 3 consecutive frames (a flush and two incremental), "
@@ -149,7 +151,7 @@ def calibrate(emodel, inputs: list[tuple], fraction: float = 0.25, depth_groups:
 
 def _clip_error(emodel, ks: dict[str, int], inputs: list[tuple], references: list) -> float:
     """Squared relative error of all outputs, summed over the incremental frames, with each gate at its k."""
-    emodel._run_policies({name: TopK(ks[name]) for name in ks})
+    emodel.set_policies({name: TopK(ks[name]) for name in ks})
     emodel.reset()
     err = norm = 0.0
     with torch.no_grad():

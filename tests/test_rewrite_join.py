@@ -12,7 +12,8 @@ from eventful_fx.video import builtin_clip
 
 
 def _run(model, frames, ks=None):
-    emodel = eventful_fx.compile(model, budget=0.5, linear_kernel="torch")
+    # joins happen where gates sit on the residual stream
+    emodel = eventful_fx.compile(model, budget=0.5, linear_kernel="torch", dense_residual=False, calibration=None)
     with torch.no_grad():
         emodel(frames[0])
         if ks is not None:  # the plan of the other graph: only the join may differ
