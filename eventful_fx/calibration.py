@@ -14,8 +14,10 @@ contiguous groups in graph order). On the calibration frames the eventful graph 
 plan, every gate at one fraction f0 of its tokens, and for each group a plan that halves
 only that group's fraction. The fit describes plans near f0 (extrapolated from 1/4 to 1/2,
 a fit moved ViT-B/224's error at budget 0.5 from 0.100 to 0.119), so it is made at three
-points, f0 = 1/8, 1/4 and 1/2, each the first time a budget nearest to it is planned. The squared relative error of all outputs
-against the dense model, summed over the incremental frames, is fitted by least squares to
+points, f0 = 1/8, 1/4 and 1/2, each the first time a budget nearest to it is planned. The
+squared relative error against the dense model over the incremental frames, summed over the
+model's outputs (each relative to its own size, so tokens do not drown logits), is fitted
+by least squares to
 
     E = e0 + sum_c w_c · psi(f_c),
 
@@ -153,11 +155,13 @@ def _clip_error(emodel, ks: dict[str, int], inputs: list[tuple], references: lis
     """Squared relative error of all outputs, summed over the incremental frames, with each gate at its k."""
     emodel.set_policies({name: TopK(ks[name]) for name in ks})
     emodel.reset()
-    err = norm = 0.0
+    err: dict[int, float] = {}
+    norm: dict[int, float] = {}
     with torch.no_grad():
         for t, x in enumerate(inputs):
             out = emodel.graph_module(*x)
-            if t:
-                e, n = output_error(out, references[t])
-                err, norm = err + e, norm + n
-    return err / max(norm, 1e-30)
+            if t:  # each output counts alone: a model's tokens must not drown its logits
+                for i, (o, r) in enumerate(zip(tree_leaves(out), tree_leaves(references[t]))):
+                    e, n = output_error(o, r)
+                    err[i], norm[i] = err.get(i, 0.0) + e, norm.get(i, 0.0) + n
+    return sum(err[i] / max(norm[i], 1e-30) for i in err if norm[i] > 0)
