@@ -225,10 +225,10 @@ class EventfulModule(torch.nn.Module):
                 self._plan_for_budget()
                 self.calibrate(frames, point)
                 return
-        if point in self._calibrations:
-            fit = self._calibrations[point]
-            if self.planner.fits.get(self.attention, ErrorFit({}, 0.0)).weights is not fit.weights:
-                self.planner.set_fit(self.attention, ErrorFit(fit.weights, fit.intercept))
+        calibration = self._calibrations.get(point)
+        current = self.planner.fits.get(self.attention)
+        if calibration is not None and (current is None or current.weights is not calibration.weights):
+            self.planner.set_fit(self.attention, ErrorFit(calibration.weights, calibration.intercept))
         self._plan_for_budget()
 
     @property
