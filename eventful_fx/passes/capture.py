@@ -7,6 +7,11 @@ plus shape propagation gives the same annotations.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
+import io
+import logging
+import threading
 import warnings
 
 import torch
@@ -15,27 +20,82 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 
 class CaptureError(RuntimeError):
-    pass
+    """No tracer could capture the model (the model itself runs on the input)."""
 
 
-def capture(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
+class InputError(ValueError):
+    """The model itself rejects the input: nothing to capture."""
+
+
+# export and fx tracing set process-wide modes (fake tensor and proxy mode stacks): two threads
+# capturing at once corrupt them for every later capture, so captures take turns
+_capture_lock = threading.RLock()
+
+
+def capture(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> fx.GraphModule:
     """Graph of `model` specialised to the shapes of `example_inputs`, every node with meta["val"]."""
+    kwargs = dict(example_kwargs or {})
     was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            try:
-                return torch.export.export(model, tuple(example_inputs), strict=False).module()
-            except Exception as export_error:  # noqa: BLE001 - any failure sends us to the fallback
+    with _capture_lock:
+        model.eval()
+        try:
+            with torch.no_grad():
                 try:
-                    return _symbolic_trace(model, example_inputs)
-                except Exception as trace_error:  # noqa: BLE001
-                    raise CaptureError(
-                        f"could not capture {type(model).__name__}: torch.export failed with {export_error!r}; "
-                        f"fx.symbolic_trace failed with {trace_error!r}"
-                    ) from trace_error
-    finally:
-        model.train(was_training)
+                    with _quiet():
+                        return torch.export.export(model, tuple(example_inputs), kwargs, strict=False).module()
+                except Exception as export_error:  # noqa: BLE001 - any failure sends us to the fallback
+                    _check_model_runs(model, example_inputs, kwargs)
+                    try:
+                        with _quiet():
+                            return _symbolic_trace(model, _positional(model, example_inputs, kwargs))
+                    except Exception as trace_error:  # noqa: BLE001
+                        raise CaptureError(
+                            f"could not capture {type(model).__name__}: torch.export failed: "
+                            f"{_first_line(export_error)}; fx.symbolic_trace failed: {_first_line(trace_error)}"
+                        ) from None
+        finally:
+            model.train(was_training)
+
+
+def _check_model_runs(model, args: tuple, kwargs: dict) -> None:
+    """Raise InputError, leading with the model's own message, when the model cannot run on the input at all."""
+    try:
+        with _quiet():
+            model(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001
+        shapes = ", ".join(f"{list(a.shape)} {str(a.dtype).removeprefix('torch.')}" if isinstance(a, torch.Tensor)
+                           else repr(a) for a in (*args, *kwargs.values()))
+        raise InputError(f"{type(model).__name__} cannot run on input ({shapes}): "
+                         f"{type(error).__name__}: {_first_line(error)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:400]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Tracers print tracebacks and warnings of their own on the way to an exception: keep them off the console."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+
+
+def _positional(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """Keyword arguments bound to their positions (symbolic_trace's graph takes positional inputs only)."""
+    if not kwargs:
+        return tuple(args)
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    if any(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in inspect.signature(model.forward).parameters.values()):
+        raise TypeError("keyword-only arguments cannot be traced by fx.symbolic_trace")
+    return tuple(bound.args)
 
 
 def _symbolic_trace(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
@@ -55,9 +115,7 @@ def _symbolic_trace(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphMo
         def is_leaf_module(self, m, qualname):
             return isinstance(m, leaf_modules) or super().is_leaf_module(m, qualname)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graph = Tracer().trace(model)
+    graph = Tracer().trace(model)
     gm = fx.GraphModule(model, graph)
     ShapeProp(gm).propagate(*example_inputs)
     for node in gm.graph.nodes:  # ShapeProp leaves tensor_meta: expose values under the export key
