@@ -2,19 +2,30 @@
 
 Owns the lazy capture (on the first frame, or at once with `example_input=`), the plan for
 the current budget (with the error model calibrated on a clip: `calibration.py`), the
-per-frame statistics and the reset of every stateful op. A frame
-with a different shape, dtype, device or batch size (number of streams) re-captures, with a
-warning, and starts with a flush; a frame holding NaN or inf raises before touching state.
+per-frame statistics, the reset of every stateful op, and the stream state as a state_dict
+entry (so a running stream can be saved, copied, pickled and resumed elsewhere).
+
+Inputs are checked before anything moves: a frame with a different shape, dtype, device,
+batch size (number of streams) or non-tensor argument, or a model whose parameters or
+submodules were replaced, re-captures with a warning and starts with a flush; a frame holding
+NaN or inf raises before touching state; a call that raises midway resets every stream, so
+the next frame is a dense flush instead of a mix of old and new state. Inference only: the
+graph runs without autograd (outputs carry no grad) and as the model runs in eval mode.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from .calibration import CALIBRATION_FRAMES, Calibration, base_fraction, calibrate
 from .cost_model.planner import Decision, ErrorFit, Planner
@@ -52,11 +63,16 @@ class EventfulModule(torch.nn.Module):
                  calibration="builtin"):
         super().__init__()
         _check_budget(budget)
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"eventful_fx.compile takes a torch.nn.Module, got {type(model).__name__}")
         if policy not in ("topk", "threshold"):
             raise ValueError(f"policy must be 'topk' or 'threshold', got {policy!r}")
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not threshold >= 0:
+            raise ValueError(f"threshold must be a token change >= 0, got {threshold!r}")
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-        if memory_cap_bytes is not None and memory_cap_bytes < 0:
+        if memory_cap_bytes is not None and (not isinstance(memory_cap_bytes, int) or isinstance(memory_cap_bytes, bool)
+                                             or memory_cap_bytes < 0):
             raise ValueError(f"memory_cap_bytes must be a number of bytes >= 0 or None, got {memory_cap_bytes!r}")
         if linear_kernel not in KERNELS:
             raise ValueError(f"linear_kernel must be one of {KERNELS}, got {linear_kernel!r}")
@@ -66,9 +82,9 @@ class EventfulModule(torch.nn.Module):
                 or (isinstance(calibration, str) and calibration == "builtin")):
             raise ValueError(f"calibration must be 'builtin', None or frames [T, ...] to calibrate on, "
                              f"got {calibration!r}")
-        if refresh is not None and refresh < 1:
-            raise ValueError(f"refresh must be a positive number of frames or None, got {refresh!r}")
-        self.model = model.eval()
+        if refresh is not None and (not isinstance(refresh, int) or isinstance(refresh, bool) or refresh < 1):
+            raise ValueError(f"refresh must be a whole number of frames >= 1 or None, got {refresh!r}")
+        self.model = model  # its train/eval mode stays the user's: the captured graph is taken in eval mode
         self._budget = budget
         self.policy, self.threshold, self.attention, self.refresh = policy, threshold, attention, refresh
         self.check_finite = check_finite
@@ -76,19 +92,29 @@ class EventfulModule(torch.nn.Module):
         self.dense_residual = dense_residual
         self.linear_kernel = linear_kernel
         self.state_dtype = state_dtype
-        self.graph_module: fx.GraphModule | None = None
-        self.planner: Planner | None = None
-        self.decision: Decision | None = None  # the structure, each gate's k, predicted MACs and state bytes
-        self._signature = None
-        self._frames_since_flush = 0
-        self.stats = FrameStats()
-        self._calibrations: dict[float, Calibration] = {}  # per calibration point (`calibration.base_fraction`)
         self._calibration_source = calibration
-        self._calibrating = False
+        self._forget_graph()
         if example_input is None and isinstance(calibration, torch.Tensor):
             example_input = calibration[:1]  # a calibration clip is an example of the input
         if example_input is not None:
-            self._build(_as_tuple(example_input))
+            self._build(_as_tuple(example_input), {})
+
+    def _forget_graph(self) -> None:
+        """No capture yet: the state a module has before its first frame (and after unpickling, until rebuilt)."""
+        # the eventful graph is kept out of the module tree (plain attribute): state_dict, .to() and
+        # parameters() see the user's model once; the graph's stream state travels as extra state
+        self.__dict__["graph_module"] = None
+        self.planner: Planner | None = None
+        self.decision: Decision | None = None  # the structure, each gate's k, predicted MACs and state bytes
+        self._signature = None
+        self._batch = None
+        self._frames_since_flush = 0
+        self.stats = FrameStats()
+        self._calibrations: dict[float, Calibration] = {}  # per calibration point (`calibration.base_fraction`)
+        self._calibrating = False
+        self._model_parts = None
+        self._parts_generation = -1
+        self._warned_inference_only = False
 
     # -- public ---------------------------------------------------------------------------
     @property
@@ -107,7 +133,9 @@ class EventfulModule(torch.nn.Module):
         return self._plan if self.graph_module is not None else None
 
     def reset(self, streams: Sequence[int] | None = None) -> None:
-        """Start a new video: the next frame is a dense flush (for all streams, or only `streams`)."""
+        """Start a new video: the next frame is a dense flush (for all streams, or only `streams`, batch indices)."""
+        if streams is not None:
+            streams = _check_streams(streams, self._batch)
         for module in self._stateful():
             module.reset(streams)
         if streams is None:
@@ -124,13 +152,13 @@ class EventfulModule(torch.nn.Module):
         fraction = fraction or base_fraction(self._budget)
         inputs = [_as_tuple(x) for x in frames] if not isinstance(frames, torch.Tensor) else None
         if self.graph_module is None:
-            self._build(inputs[0] if inputs else (frames[:1],))
+            self._build(inputs[0] if inputs else (frames[:1],), {})
         if inputs is None:
-            batch = self._signature[0][0][0] if self._signature and self._signature[0] else 1
-            inputs = [(f[None].expand(batch, *f.shape),) for f in frames]
+            inputs = [(f[None].expand(self._batch, *f.shape),) for f in frames]
         self._calibrating = True
         try:
-            calibration = calibrate(_Replica(self), inputs, fraction)
+            with _inference_only():
+                calibration = calibrate(_Replica(self), inputs, fraction)
         finally:
             self._calibrating = False
         self._calibrations[fraction] = calibration
@@ -140,50 +168,157 @@ class EventfulModule(torch.nn.Module):
     def state_bytes(self) -> int:
         return sum(m.state_bytes() for m in self._stateful())
 
-    def forward(self, *inputs):
-        signature = tuple(_signature(x) for x in inputs)
+    def forward(self, *args, **kwargs):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        signature = (spec, tuple(_signature(x) for x in leaves))
         if self.check_finite:
-            for x in inputs:  # parameters (graph inputs under torch.compile) are the model's business
+            for x in leaves:  # parameters (graph inputs under torch.compile) are the model's business
                 if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) and x.is_floating_point() \
                         and not bool(torch.isfinite(x).all()):
                     raise ValueError("input frame holds NaN or inf values; the eventful state was left untouched")
-        if self.graph_module is None:
-            self._build(inputs)
-        elif signature != self._signature:
-            warnings.warn(f"eventful_fx: input changed from {self._signature} to {signature}; re-capturing "
-                          "the model and starting with a dense flush", stacklevel=2)
-            self._build(inputs)
-        if self.refresh is not None and self._frames_since_flush >= self.refresh:
-            for module in self._stateful():  # a flush of the same video: frames stay consecutive
-                module.reset()
-            self._frames_since_flush = 0
-        flush = self._frames_since_flush == 0
-        with torch.no_grad():
-            out = self.graph_module(*inputs)
+        self._warn_inference_only(leaves)
+        with _inference_only():
+            if any(isinstance(x, torch.Tensor) and x.is_inference() for x in leaves):
+                # state must outlive an inference_mode block: it is never built from inference tensors
+                args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if t.is_inference() else t,
+                                                    (args, kwargs))
+            if self.graph_module is None:
+                self._build(args, kwargs)
+            elif signature != self._signature:
+                _warn(f"eventful_fx: input changed from {_describe(self._signature)} to {_describe(signature)}; "
+                      "re-capturing the model and starting with a dense flush")
+                self._build(args, kwargs)
+            elif self._model_changed():
+                _warn("eventful_fx: a parameter, buffer or submodule of the model was replaced since the capture; "
+                      "re-capturing the model and starting with a dense flush")
+                self._build(args, kwargs)
+            if self.refresh is not None and self._frames_since_flush >= self.refresh:
+                for module in self._stateful():  # a flush of the same video: frames stay consecutive
+                    module.reset()
+                self._frames_since_flush = 0
+            flush = self._frames_since_flush == 0
+            try:
+                out = self.graph_module(*args, **kwargs)
+            except BaseException as error:
+                self.reset()  # some ops may have moved on and others not: the next frame starts clean
+                if hasattr(error, "add_note"):
+                    error.add_note("eventful_fx: every stream was reset; the next frame is a dense flush")
+                raise
         self._frames_since_flush += 1
         self._update_stats(flush)
         return out
 
+    # -- saving and copying ---------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        """The stream state, as tensors and plain values (`torch.load(weights_only=True)` reads it back).
+
+        Weights are not in it: `state_dict()` holds them once, under `model.`."""
+        state = {"version": _STATE_VERSION, "budget": self._budget, "options": self._options()}
+        if self.graph_module is None:
+            return state
+        spec, leaves = self._signature
+        state.update(
+            inputs=pytree.treespec_dumps(spec),
+            leaves=[{"shape": list(x[1]), "dtype": str(x[2]).removeprefix("torch."), "device": str(x[3])}
+                    if x[0] == "tensor" else {"value": x[2]} for x in leaves],
+            frames_since_flush=self._frames_since_flush,
+            calibrations={str(p): dataclasses.asdict(c) for p, c in self._calibrations.items()},
+            ops={name: m.stream_state() for name, m in self.graph_module.named_modules()
+                 if isinstance(m, StatefulOp)})
+        return state
+
+    def set_extra_state(self, state: dict) -> None:
+        """Resume the saved streams: rebuild the graph for the saved input and load every op's state."""
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError("eventful_fx: this state was not saved by this version of EventfulModule.state_dict()")
+        if state["options"] != self._options():
+            raise ValueError(f"eventful_fx: the state was saved with options {state['options']}, this module has "
+                             f"{self._options()}; compile with the same options to load it")
+        _check_budget(state["budget"])
+        self._budget = state["budget"]
+        if "inputs" not in state:  # saved before its first frame
+            self._forget_graph()
+            return
+        leaves = [torch.zeros(x["shape"], dtype=getattr(torch, x["dtype"]), device=x["device"]) if "shape" in x
+                  else x["value"] for x in state["leaves"]]
+        args, kwargs = pytree.tree_unflatten(leaves, pytree.treespec_loads(state["inputs"]))
+        calibrations = {float(p): Calibration(**c) for p, c in state["calibrations"].items()}
+        with _inference_only():
+            self._build(args, kwargs, calibrations)
+        ops = {name: m for name, m in self.graph_module.named_modules() if isinstance(m, StatefulOp)}
+        if set(ops) != set(state["ops"]):
+            raise ValueError("eventful_fx: the saved stream state does not fit this model's eventful graph "
+                             f"(ops {sorted(set(state['ops']) ^ set(ops))[:4]} differ); was it saved from "
+                             "another model?")
+        for name, module in ops.items():  # copies: a state_dict shares its tensors with the module it came from
+            module.load_stream_state(pytree.tree_map_only(
+                torch.Tensor, lambda t: t.clone(memory_format=torch.contiguous_format), state["ops"][name]))
+        self._frames_since_flush = state["frames_since_flush"]
+
+    def __getstate__(self) -> dict:
+        # the graph holds kernels' packed weights (not picklable) and closures: rebuilt on load from the state
+        keep = {k: v for k, v in self.__dict__.items() if k not in _REBUILT}
+        keep["_saved_streams"] = self.get_extra_state()
+        return keep
+
+    def __setstate__(self, state: dict) -> None:
+        saved = state.pop("_saved_streams")
+        self.__dict__.update(state)
+        self._forget_graph()
+        self.set_extra_state(saved)
+
+    def _options(self) -> dict:
+        """The options the stream state depends on (the graph's structure and the state's dtype)."""
+        return {"policy": self.policy, "attention": self.attention, "dense_residual": self.dense_residual,
+                "state_dtype": str(self.state_dtype)}
+
     # -- internals ------------------------------------------------------------------------
-    def _build(self, inputs: tuple) -> None:
-        gm = capture(self.model, inputs)
+    def _build(self, args: tuple, kwargs: dict, calibrations: dict | None = None) -> None:
+        gm = capture(self.model, tuple(args), kwargs)
         infos = TokenAnalysis(gm).run()
         regions, sites = find_regions(gm, infos, dense_residual=self.dense_residual)
-        batch = _batch_size(infos, inputs)
-        self._captured = (gm, infos, regions, sites, batch)
+        leaves, spec = pytree.tree_flatten((tuple(args), kwargs))
+        self._captured = (gm, infos, regions, sites, _batch_size(infos, leaves))
+        self._batch = self._captured[4]
         self._dense_macs = sum(i.macs for i in infos.values())
-        self._signature = tuple(_signature(x) for x in inputs)
-        self.planner = Planner(gm, infos, regions, sites, batch, attention=self.attention,
+        self._signature = (spec, tuple(_signature(x) for x in leaves))
+        self._model_parts, self._parts_generation = _model_parts(self.model), _registrations
+        self.planner = Planner(gm, infos, regions, sites, self._batch, attention=self.attention,
                                memory_cap_bytes=self.memory_cap_bytes, state_dtype=self.state_dtype)
-        self._calibrations = {}  # a new graph: its gates must be measured again
-        self.graph_module = None
+        self._calibrations = dict(calibrations or {})  # a new graph: its gates must be measured again
+        self.__dict__["graph_module"] = None
+        self.decision = None
         self._apply_plan()
+
+    def _model_changed(self) -> bool:
+        """Whether a parameter, buffer or submodule of the model was replaced since the capture.
+
+        Walking the model costs ~0.3 ms on ViT-B, so it is walked only after something, anywhere,
+        registered a parameter, buffer or module (global hooks count them)."""
+        if self._parts_generation == _registrations:
+            return False
+        parts = _model_parts(self.model)
+        changed = len(parts) != len(self._model_parts) or any(
+            a[0] != b[0] or a[1] is not b[1] for a, b in zip(parts, self._model_parts))
+        if not changed:
+            self._parts_generation = _registrations
+        return changed
+
+    def _warn_inference_only(self, leaves) -> None:
+        if self._warned_inference_only or not (self.model.training or (torch.is_grad_enabled() and any(
+                isinstance(x, torch.Tensor) and x.requires_grad and not isinstance(x, torch.nn.Parameter)
+                for x in leaves))):
+            return
+        self._warned_inference_only = True
+        _warn("eventful_fx: EventfulModule runs inference only: the model runs as in eval mode (dropout off, norm "
+              "statistics frozen) whatever its mode, and outputs carry no gradient; train the dense model. "
+              "(Call model.eval() to silence this.)")
 
     def _rewrite(self, plan: Plan) -> None:
         """Build the eventful graph for a plan's structure (which gates, which attention modes): no re-capture."""
         gm, infos, regions, sites, batch = self._captured
-        self.graph_module = EventfulRewrite(infos, regions, sites, plan, batch, self.linear_kernel,
-                                            self.state_dtype).call(gm)
+        self.__dict__["graph_module"] = EventfulRewrite(infos, regions, sites, plan, batch, self.linear_kernel,
+                                                        self.state_dtype).call(gm)
         self._plan = plan
         self._frames_since_flush = 0
         # looked up once per rewrite, not per frame: stats read every gate and stateful op after each call
@@ -201,8 +336,10 @@ class EventfulModule(torch.nn.Module):
         source = self._calibration_source
         if source is None or isinstance(source, (torch.Tensor, list, tuple)):
             return source
-        shape, dtype, device = self._signature[0] if len(self._signature) == 1 and isinstance(
-            self._signature[0], tuple) else ((), None, None)
+        spec, leaves = self._signature
+        if spec != pytree.tree_flatten(((None,), {}))[1] or leaves[0][0] != "tensor":
+            return None  # not a single frame tensor: the uniform plan
+        _, shape, dtype, device = leaves[0]
         if len(shape) != 4 or shape[1] != 3 or not dtype.is_floating_point:
             return None  # not a batch of RGB frames: the uniform plan
         h, w = shape[2:]
@@ -238,10 +375,15 @@ class EventfulModule(torch.nn.Module):
 
     def _plan_for_budget(self) -> None:
         decision = self.planner.plan(self._budget)
-        if not decision.feasible:
-            warnings.warn(f"eventful_fx: budget {self._budget} is below what this model can reach (every gate at its "
-                          f"least k predicts {decision.predicted_macs / self._dense_macs:.3f} of the dense MACs)",
-                          stacklevel=3)
+        predicted = decision.predicted_macs / self._dense_macs
+        if self.memory_cap_bytes is not None and len(decision.gated) < len(self.planner.candidates) \
+                and predicted > self._budget * 1.001:
+            _warn(f"eventful_fx: memory_cap_bytes={self.memory_cap_bytes} leaves state for {len(decision.gated)} of "
+                  f"{len(self.planner.candidates)} gates, so the plan predicts {predicted:.3f} of the dense MACs "
+                  f"against the budget {self._budget}; raise the cap to meet the budget")
+        elif not decision.feasible:
+            _warn(f"eventful_fx: budget {self._budget} is below what this model can reach (every gate at its "
+                  f"least k predicts {predicted:.3f} of the dense MACs)")
         if self.graph_module is None or self.decision is None or decision.key != self.decision.key:
             self._rewrite(Plan(gates={name: TopK(1) for name in decision.gated}, attention=decision.attention))
         self.decision = decision
@@ -280,7 +422,8 @@ class _Replica:
                                             emodel.state_dtype).call(gm)
         self.gates = {n: m for n, m in self.graph_module.named_children() if isinstance(m, RegionGate)}
         self.stateful = [m for m in self.graph_module.modules() if isinstance(m, StatefulOp)]
-        self.model, self.decision = emodel.model, emodel.decision
+        # the reference is the captured dense graph: eval-mode semantics whatever the user's model mode
+        self.model, self.decision = gm, emodel.decision
 
     def set_policies(self, policies: dict) -> None:
         for name, gate in self.gates.items():
@@ -292,13 +435,60 @@ class _Replica:
 
 
 _STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_STATE_VERSION = 1
+# rebuilt from the saved stream state when unpickled or deep-copied (see __getstate__)
+_REBUILT = ("graph_module", "planner", "decision", "_captured", "_plan", "_gate_modules", "_stateful_modules",
+            "_model_parts", "_signature", "stats")
+
+# parameter, buffer and module registrations anywhere in the process: a module whose count moved
+# since its capture checks whether its own model's parts were replaced
+_registrations = 0
 
 
-def _batch_size(infos, inputs) -> int:
+def _count_registration(*_args):
+    global _registrations
+    _registrations += 1
+
+
+for _register in (torch.nn.modules.module.register_module_parameter_registration_hook,
+                  torch.nn.modules.module.register_module_buffer_registration_hook,
+                  torch.nn.modules.module.register_module_module_registration_hook):
+    _register(_count_registration)
+
+
+def _model_parts(model: torch.nn.Module) -> list[tuple[str, object]]:
+    """Every parameter, buffer and submodule of the model by name, as objects (compared by identity)."""
+    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False),
+            *model.named_modules(remove_duplicate=False)]
+
+
+@contextlib.contextmanager
+def _inference_only():
+    """The context every eventful call runs in: no autograd, and never inference mode, whatever the caller's.
+
+    State built under `torch.inference_mode()` would be inference tensors, which a later call
+    outside it could not update in place; `no_grad` runs as fast here."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+_INTERNAL_FILES = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def _warn(message: str) -> None:
+    """A warning attributed to the user's line: the first caller outside eventful_fx and torch."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_FILES):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
+
+
+def _batch_size(infos, leaves) -> int:
     for node, info in infos.items():
         if info.kind == "patch_embed":
             return node.meta["val"].shape[0]
-    return inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim > 0 else 1
+    first = next((x for x in leaves if isinstance(x, torch.Tensor)), None)
+    return first.shape[0] if first is not None and first.ndim > 0 else 1
 
 
 def _check_budget(budget) -> None:
@@ -306,14 +496,43 @@ def _check_budget(budget) -> None:
         raise ValueError(f"budget must be a fraction of the dense model's MACs in (0, 1], got {budget!r}")
 
 
+def _check_streams(streams, batch: int | None) -> list[int]:
+    """Stream indices for a per-stream reset: whole numbers within the batch (negative ones count from the end)."""
+    if isinstance(streams, int) and not isinstance(streams, bool):
+        streams = [streams]
+    if isinstance(streams, torch.Tensor):
+        streams = streams.tolist() if streams.ndim == 1 and not streams.is_floating_point() else [streams]
+    if not isinstance(streams, (list, tuple, range)) or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in streams):
+        raise TypeError(f"reset(streams=...) takes a list of stream indices (ints), got {streams!r}")
+    if batch is not None and not all(-batch <= s < batch for s in streams):
+        raise IndexError(f"reset(streams={list(streams)}): this module runs {batch} stream(s) per call "
+                         f"(indices 0..{batch - 1}); nothing was reset")
+    return [s % batch if batch else s for s in streams]
+
+
 def _as_tuple(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def _signature(x):
+_PLAIN = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
+def _signature(x) -> tuple:
+    """What a capture specialised on, for one input leaf: a tensor's shape, dtype and device, a plain value
+    itself; any other object by identity (a new object re-captures: its contents cannot be compared)."""
     if isinstance(x, torch.Tensor):
-        return (tuple(x.shape), x.dtype, x.device)
-    return type(x)
+        return ("tensor", tuple(x.shape), x.dtype, x.device)
+    if isinstance(x, _PLAIN):
+        return ("value", type(x), x)
+    return ("object", type(x), id(x))
+
+
+def _describe(signature) -> str:
+    _, leaves = signature
+    parts = [f"{list(x[1])} {str(x[2]).removeprefix('torch.')} on {x[3]}" if x[0] == "tensor" else
+             f"{x[2]!r}" if x[0] == "value" else f"a {x[1].__name__} object" for x in leaves]
+    return "(" + ", ".join(parts) + ")"
 
 
 def compile(model: torch.nn.Module, budget: float = 0.25, **options) -> EventfulModule:  # noqa: A001

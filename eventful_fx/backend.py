@@ -21,6 +21,7 @@ _modules: "weakref.WeakSet[EventfulModule]" = weakref.WeakSet()
 def backend(budget: float = 0.25, **options):
     """A torch.compile backend running the captured graph eventfully with these options."""
     def compile_graph(gm: torch.fx.GraphModule, example_inputs):
+        gm.eval()  # a fresh GraphModule says "training"; Dynamo traced the model in its own mode
         emodel = EventfulModule(gm, budget, **options)
         _modules.add(emodel)
         return emodel

@@ -93,6 +93,12 @@ class IncrementalAttention(StatefulOp):
     def state_bytes(self) -> int:
         return tensor_bytes(*self._cache.values()) if self._cache else 0
 
+    def stream_state(self) -> dict:
+        return {"cache": self._cache}
+
+    def load_stream_state(self, state: dict) -> None:
+        self._cache = state["cache"]
+
     def forward(self, q_sel: Tensor, k_sel: Tensor, v_sel: Tensor, idx: Tensor, attn_mask: Tensor | None = None,
                 scale: float | None = None, *, dropout_p: float = 0.0, is_causal: bool = False) -> Tensor:
         _only_plain_attention("IncrementalAttention", dropout_p, is_causal)

@@ -38,6 +38,12 @@ class TokenBuffer(StatefulOp):
     def state_bytes(self) -> int:
         return tensor_bytes(self._full)
 
+    def stream_state(self) -> dict:
+        return {"full": self._full}
+
+    def load_stream_state(self, state: dict) -> None:
+        self._full = state["full"]
+
     def forward(self, fresh: Tensor, idx: Tensor) -> Tensor:
         batch, k = idx.shape
         rows, token_shape, fresh_dtype = fresh.shape[0], fresh.shape[2:], fresh.dtype

@@ -110,6 +110,13 @@ class TokenGate(StatefulOp):
     def state_bytes(self) -> int:
         return tensor_bytes(self._ref, self._score)
 
+    def stream_state(self) -> dict:
+        return {"ref": self._ref, "score": self._score, "pending_flush": sorted(self._pending_flush)}
+
+    def load_stream_state(self, state: dict) -> None:
+        self._ref, self._score = state["ref"], state["score"]
+        self._pending_flush = set(state["pending_flush"])
+
     def forward(self, x: Tensor, changed: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """`changed` [B, c]: the only tokens where x can differ from the last call's x (None: any)."""
         batch, num_tokens = x.shape[:2]

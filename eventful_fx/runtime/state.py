@@ -34,6 +34,13 @@ class StatefulOp(nn.Module):
     def state_bytes(self) -> int:
         return 0
 
+    def stream_state(self) -> dict:
+        """The state as tensors and plain values, for `EventfulModule.state_dict()` (stateless ops: empty)."""
+        return {}
+
+    def load_stream_state(self, state: dict) -> None:
+        """Take back what `stream_state()` gave (state of the same op in the same graph)."""
+
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
