@@ -110,6 +110,7 @@ class Report:
     macs_expression: str = ""        # MACs of an incremental frame, one k for every gate: a·k + b·k·N + c(N)
     token_symbols: dict[str, int] = field(default_factory=dict)  # N -> its value
     plan: PlanSummary | None = None   # for the budget given to analyze()
+    token_mixing_count: int = 0       # linear layers over the token axis (MLP-Mixer): lossy for every later gate
     graph: fx.GraphModule | None = field(default=None, repr=False, compare=False)  # the analysed graph
 
     @property
@@ -140,6 +141,7 @@ class Report:
             "info": [asdict(r) for r in self.info],
             "regions": [asdict(r) for r in self.regions],
             "attention_sites": [asdict(a) for a in self.attention_sites],
+            "token_mixing_count": self.token_mixing_count,
             "macs_expression": self.macs_expression,
             "token_symbols": self.token_symbols,
             "plan": asdict(self.plan) if self.plan else None,
@@ -159,7 +161,11 @@ class Report:
             f"attention: {self.attention_count} found, {self.convertible_attention_count} convertible   "
             f"gated regions: {len(self.regions)}",
         ] + ([f"cost model (one k for every gate, {_symbols(self.token_symbols)}): MACs(k) = {self.macs_expression}"]
-             if self.macs_expression else []) + ([_plan_line(self.plan)] if self.plan else [])
+             if self.macs_expression and self.token_symbols else
+             ["no gated region: nothing runs on a token subset (see the blockers)"] if not self.regions else []) + \
+            ([f"token mixing: {self.token_mixing_count} layers mix all tokens (token-mixing MLP): every token moves on "
+              "every frame after them, so gates after them lose more accuracy per budget than after attention"]
+             if self.token_mixing_count else []) + ([_plan_line(self.plan)] if self.plan else [])
 
     def __str__(self) -> str:
         lines = ["eventful_fx analysis", *self._summary_lines(), ""]
@@ -328,6 +334,7 @@ def analyze_graph(gm: fx.GraphModule, *, name: str = "graph", input_shapes: list
         convertible_linear_count=int(convertible_linears),
         attention_count=attention_count,
         convertible_attention_count=sum(site_ok.values()),
+        token_mixing_count=sum(1 for i in infos.values() if i.reason and "token-mixing MLP)" in i.reason),
         macs_expression=str(cost.uniform_expr()),
         token_symbols={str(sym): n for n, sym in cost.symbols.items()},
         plan=_plan_summary(planner, budget, mode) if budget is not None else None,
@@ -417,6 +424,8 @@ def _dense_reason(node, info: NodeInfo, infos, region, site_of, after_tokens) ->
             return "carries no tokens: runs after the tokens were reduced (class token, pooling) or mixed"
         if info.kind == ops.CONV:
             return "a convolution that is no patch embedding (stride != kernel) runs before the tokens exist"
+        if not any(i.carries_tokens for i in infos.values()):
+            return "carries no tokens: the model has no patch embedding (a conv with stride = kernel), so no tokens"
         return "carries no tokens: runs before the patch embedding"
     if region is not None:
         return "its gated region holds no MACs: not worth a gate"

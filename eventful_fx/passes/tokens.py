@@ -133,6 +133,9 @@ class TokenAnalysis:
         self.gm = gm
         self.infos: dict[fx.Node, NodeInfo] = {}
         self._ids: dict[fx.Node, tuple] = {}  # node -> (tok, oth), or lists of them per output
+        # values computed from the tokens that no longer carry them (token-mixing MLP outputs, pooled
+        # features): they change every frame at every position, and a gate never sees them change
+        self._mixed: set[fx.Node] = set()
 
     def run(self) -> dict[fx.Node, NodeInfo]:
         threads = torch.get_num_threads()
@@ -145,7 +148,10 @@ class TokenAnalysis:
     def _run(self) -> dict[fx.Node, NodeInfo]:
         remaining_users = {n: len(n.users) for n in self.gm.graph.nodes}
         for node in self.gm.graph.nodes:
-            self.infos[node] = self._visit(node)
+            self.infos[node] = info = self._visit(node)
+            if not info.carries_tokens and any(self.infos[a].carries_tokens or a in self._mixed
+                                               for a in node.all_input_nodes):
+                self._mixed.add(node)
             for a in node.all_input_nodes:  # free id tensors nobody needs any more
                 remaining_users[a] -= 1
                 if remaining_users[a] == 0:
@@ -299,6 +305,8 @@ class TokenAnalysis:
             reason = "softmax over the token axis mixes tokens"
         if reason is None and not (layout and layout.clean and all(x.clean for x in layouts)):
             reason = "mixes token axes with batch or channel axes"
+        if reason is None and any(a in self._mixed for a in node.all_input_nodes):
+            reason = "reads a value mixed from all tokens (token-mixing MLP, pooling): a gate cannot see it change"
         per_token = {}
         for i, a in enumerate(node.args if kind == ops.ELEMENTWISE else ()):
             shape = tensor_shape(a) if isinstance(a, fx.Node) and a not in token_args else None
