@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Callable
 
@@ -33,7 +34,12 @@ def load_model(spec: str, input_size: tuple[int, int] | None = None):
         factory = getattr(module, name, None)
         if not callable(factory):
             raise ModelSpecError(f"module {prefix!r} has no callable {name!r} (model spec {spec!r})")
-        return factory().eval()
+        model = factory()
+        from torch import nn
+
+        if not isinstance(model, nn.Module):
+            raise ModelSpecError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
+        return model.eval()
     import timm
 
     if not timm.is_model(spec):
@@ -121,6 +127,33 @@ def _add_run(p: argparse.ArgumentParser, budgets: str = "0.25") -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
+def _check_run_args(args) -> list[float]:
+    """The budgets, once every argument was checked: bad ones fail here, before a model or video loads."""
+    budgets = []
+    for text in str(args.budget).split(","):
+        try:
+            budget = float(text)
+        except ValueError:
+            raise ValueError(f"--budget: {text!r} is not a number") from None
+        if not 0 < budget <= 1:
+            raise ValueError(f"--budget: {text} is not a fraction of the dense MACs in (0, 1]")
+        budgets.append(budget)
+    if args.frames is not None and args.frames < 2:
+        raise ValueError(f"--frames: {args.frames} leaves no incremental frame to measure; give 2 or more")
+    if args.size is not None and args.size < 16:
+        raise ValueError(f"--size: {args.size} pixels is too small for a patch")
+    if not args.threshold >= 0:
+        raise ValueError(f"--threshold: {args.threshold} is not a token change >= 0")
+    if args.video is not None and not os.path.isfile(args.video):
+        raise ValueError(f"--video: no such file: {args.video}")
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK) or (
+                os.path.exists(args.json) and not os.access(args.json, os.W_OK)):
+            raise ValueError(f"--json: cannot write {args.json}")
+    return budgets
+
+
 def _run(args) -> int:
     import json
 
@@ -132,8 +165,8 @@ def _run(args) -> int:
 
     torch.manual_seed(0)  # untrained weights: the same ones on every run
     try:
-        model = load_model(args.model)
-        budgets = [float(b) for b in str(args.budget).split(",")]
+        budgets = _check_run_args(args)
+        model = load_model(args.model, (args.size, args.size) if args.size else None)
     except (ModelSpecError, ValueError) as e:
         print(f"eventful-fx {args.command}: {e}", file=sys.stderr)
         return 2

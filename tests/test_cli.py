@@ -1,0 +1,37 @@
+"""The command line (issue 12): bad arguments end in one line and exit status 2 before any
+model or video loads; `run` writes its JSON and honours --size."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eventful_fx.cli import main
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["run", "--budget", "2"], "--budget: 2"),
+    (["bench", "--budget", "0.5,2", "--json", "o.json"], "--budget: 2"),  # was: crash after budget 0.5
+    (["run", "--budget", "half"], "not a number"),
+    (["run", "--frames", "1"], "--frames: 1"),
+    (["run", "--threshold", "-1"], "--threshold"),
+    (["run", "--json", "/no/such/folder/o.json"], "--json"),
+    (["run", "--video", "/no/such/clip.mp4"], "--video"),
+    (["run", "--model", "vit_no_such_model"], "unknown model"),
+    (["analyze", "os:getcwd"], "not a torch.nn.Module"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, says, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_run_at_another_size_writes_json(capsys, tmp_path):
+    out = tmp_path / "run.json"
+    assert main(["run", "--model", "vit_tiny_patch16_224", "--size", "160", "--frames", "3", "--budget", "0.5",
+                 "--json", str(out)]) == 0  # was: timm's "Input height (160) doesn't match model (224)"
+    assert "3 frames of 160x160" in capsys.readouterr().out
+    (row,) = json.loads(out.read_text())
+    assert row["budget"] == 0.5 and row["mac_fraction"] < 0.55
