@@ -4,10 +4,7 @@ import torch
 
 import eventful_fx
 from eventful_fx.video import builtin_clip
-
-
-def rel_err(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
+from helpers import rel_err
 
 
 def test_backend_exact_at_budget_one_and_saves_at_low_budget():
@@ -28,3 +25,16 @@ def test_backend_exact_at_budget_one_and_saves_at_low_budget():
     eventful_fx.reset()
     with torch.no_grad():
         assert rel_err(cheap(frames[2][None]), model(frames[2][None])) <= 1e-5  # a flush after reset
+
+
+def test_backend_under_inference_mode_then_outside():
+    torch._dynamo.reset()
+    frames = builtin_clip(size=224, max_frames=4)
+    model = timm.create_model("vit_tiny_patch16_224").eval()
+    compiled = torch.compile(model, backend=eventful_fx.backend(budget=1.0))
+    with torch.inference_mode():
+        first = compiled(frames[:1])
+    assert rel_err(first, model(frames[:1]).detach()) <= 1e-4
+    for frame in frames[1:]:  # was: "Inplace update to inference tensor outside InferenceMode"
+        with torch.no_grad():
+            assert rel_err(compiled(frame[None]), model(frame[None])) <= 1e-4

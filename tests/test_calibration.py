@@ -9,10 +9,7 @@ import eventful_fx
 from eventful_fx.calibration import CALIBRATION_FRAMES
 from eventful_fx.video import builtin_clip
 from eventful_fx.zoo import Tokens
-
-
-def rel_err(a, b) -> float:
-    return float((a - b).norm() / b.norm())
+from helpers import rel_err
 
 
 @pytest.fixture(scope="module")

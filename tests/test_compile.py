@@ -13,10 +13,7 @@ import eventful_fx
 from eventful_fx.video import builtin_clip
 
 from models import TinyViT, TransformerEncoderViT
-
-
-def rel_err(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
+from helpers import rel_err
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +39,10 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+SLOW = {"vit_base_patch16_224", "samvit_base_patch16@224", "torchvision_vit_b_16"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in MODELS])
 def test_budget_one_equals_dense(name, clip):
     torch.manual_seed(0)
     model = MODELS[name]().eval()
@@ -69,6 +69,7 @@ def test_hand_written_budget_one_equals_dense(model_cls, attention, clip):
         assert rel_err(emodel(x), dense) <= 1e-4
 
 
+@pytest.mark.slow
 def test_savings_on_vit_base_and_flop_counter_agrees(clip):
     torch.manual_seed(0)
     model = timm.create_model("vit_base_patch16_224").eval()

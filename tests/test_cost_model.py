@@ -18,6 +18,7 @@ import torchvision
 import eventful_fx
 from eventful_fx.analysis import analyze_graph
 from eventful_fx.video import builtin_clip
+from helpers import rel_err
 
 
 def _tv_vit():
@@ -31,10 +32,6 @@ MODELS = {
     "samvit_base_patch16@448": (lambda: timm.create_model("samvit_base_patch16", img_size=448), 448),
     "torchvision_vit_b_16": (_tv_vit, 224),
 }
-
-
-def rel_err(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.fixture(scope="module")

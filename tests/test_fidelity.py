@@ -13,6 +13,7 @@ import torch
 import eventful_fx
 from eventful_fx.video import builtin_clip
 from eventful_fx.zoo import Tokens
+from helpers import rel_err
 
 MARGIN = 1.15
 # model -> (mean all-token error over the 11 incremental frames of 12, worst frame), default options, budget 0.25
@@ -21,10 +22,6 @@ RECORDED_TOKENS = {
     "vit_base_patch16_224": (0.1944, 0.2242),
 }
 RECORDED_LOGITS = (0.0483, 0.0587)  # vit_small_patch16_224, the classifier itself; before issue 10: 0.0558 mean
-
-
-def rel_err(a, b) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +43,8 @@ def errors(model, frames, **options) -> list[float]:
     return out
 
 
-@pytest.mark.parametrize("name", list(RECORDED_TOKENS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if "base" in n else n
+                                  for n in RECORDED_TOKENS])
 def test_all_token_error_at_quarter_budget(name, clip12):
     torch.manual_seed(0)
     backbone = Tokens(timm.create_model(name).eval()).eval()

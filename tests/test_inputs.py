@@ -14,10 +14,7 @@ import torch
 import eventful_fx
 from eventful_fx.passes.capture import InputError
 from eventful_fx.video import builtin_clip
-
-
-def rel_err(a, b) -> float:
-    return float((a - b).norm() / b.norm())
+from helpers import rel_err
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,9 @@ from torch import nn
 
 from eventful_fx.runtime import (DenseAttention, IncrementalAttention, QueryGatedAttention, TokenBuffer, TokenGate,
                                  Threshold, TopK)
+from helpers import rel_err
 
 MODES = ["dense", "query", "incremental"]
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 class GatedAttention:

@@ -6,12 +6,9 @@ from torch import nn
 
 from eventful_fx.runtime import (DenseAttention, IncrementalAttention, QueryGatedAttention, StatefulOp, TokenBuffer,
                                  TokenGate, Threshold, TopFraction, TopK)
+from helpers import rel_err
 
 MODES = ["dense", "query", "incremental"]
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 class EventfulBlock(nn.Module):

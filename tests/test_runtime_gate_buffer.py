@@ -5,10 +5,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from eventful_fx.runtime import TokenBuffer, TokenGate, Threshold, TopFraction, TopK, gather_rows, gather_tokens
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+from helpers import rel_err
 
 
 def make_region(channels, seed=0):

@@ -16,10 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import eventful_fx
 from eventful_fx.video import builtin_clip
-
-
-def rel_err(a, b) -> float:
-    return float((a - b).norm() / b.norm())
+from helpers import rel_err
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from torch.utils.flop_counter import bmm_flop, flop_registry, register_flop_formula, sdpa_flop_count
+
 from .gate import gather_rows, gather_tokens
 from .state import StatefulOp, tensor_bytes
+
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if _CPU_SDPA not in flop_registry:  # torch 2.14 counts the GPU kernels of SDPA, not the CPU one
+    @register_flop_formula(_CPU_SDPA)
+    def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+if torch.ops.aten.baddbmm_ not in flop_registry:  # incremental attention's in-place update of U
+    @register_flop_formula(torch.ops.aten.baddbmm_)
+    def _baddbmm_inplace_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        return bmm_flop(a_shape, b_shape)
 
 
 def _batch_size(*tensors: Tensor) -> int:
