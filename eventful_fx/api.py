@@ -115,6 +115,7 @@ class EventfulModule(torch.nn.Module):
         self._model_parts = None
         self._parts_generation = -1
         self._warned_inference_only = False
+        self._params_require_grad = False
 
     # -- public ---------------------------------------------------------------------------
     @property
@@ -176,7 +177,7 @@ class EventfulModule(torch.nn.Module):
                 if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) and x.is_floating_point() \
                         and not bool(torch.isfinite(x).all()):
                     raise ValueError("input frame holds NaN or inf values; the eventful state was left untouched")
-        self._warn_inference_only(leaves)
+        grad_enabled = torch.is_grad_enabled()
         with _inference_only():
             if any(isinstance(x, torch.Tensor) and x.is_inference() for x in leaves):
                 # state must outlive an inference_mode block: it is never built from inference tensors
@@ -197,6 +198,7 @@ class EventfulModule(torch.nn.Module):
                     module.reset()
                 self._frames_since_flush = 0
             flush = self._frames_since_flush == 0
+            self._warn_inference_only(leaves, grad_enabled)
             try:
                 out = self.graph_module(*args, **kwargs)
             except BaseException as error:
@@ -283,6 +285,7 @@ class EventfulModule(torch.nn.Module):
         self._dense_macs = sum(i.macs for i in infos.values())
         self._signature = (spec, tuple(_signature(x) for x in leaves))
         self._model_parts, self._parts_generation = _model_parts(self.model), _registrations
+        self._params_require_grad = any(p.requires_grad for p in self.model.parameters())
         self.planner = Planner(gm, infos, regions, sites, self._batch, attention=self.attention,
                                memory_cap_bytes=self.memory_cap_bytes, state_dtype=self.state_dtype)
         self._calibrations = dict(calibrations or {})  # a new graph: its gates must be measured again
@@ -304,15 +307,18 @@ class EventfulModule(torch.nn.Module):
             self._parts_generation = _registrations
         return changed
 
-    def _warn_inference_only(self, leaves) -> None:
-        if self._warned_inference_only or not (self.model.training or (torch.is_grad_enabled() and any(
-                isinstance(x, torch.Tensor) and x.requires_grad and not isinstance(x, torch.nn.Parameter)
-                for x in leaves))):
+    def _warn_inference_only(self, leaves, grad_enabled: bool) -> None:
+        """Say once that grad and training mode are not honoured, when a call looks as if it wanted them."""
+        if self._warned_inference_only:
+            return
+        wants_grad = grad_enabled and (self._params_require_grad or any(
+            isinstance(x, torch.Tensor) and x.requires_grad for x in leaves))
+        if not (wants_grad or self.model.training):
             return
         self._warned_inference_only = True
-        _warn("eventful_fx: EventfulModule runs inference only: the model runs as in eval mode (dropout off, norm "
-              "statistics frozen) whatever its mode, and outputs carry no gradient; train the dense model. "
-              "(Call model.eval() to silence this.)")
+        _warn("eventful_fx: EventfulModule runs inference only: outputs carry no gradient, and the model runs as "
+              "in eval mode (dropout off, norm statistics frozen) whatever its mode; train the dense model. "
+              "Call it under torch.inference_mode() or torch.no_grad(), with model.eval(), to silence this.")
 
     def _rewrite(self, plan: Plan) -> None:
         """Build the eventful graph for a plan's structure (which gates, which attention modes): no re-capture."""

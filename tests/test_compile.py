@@ -13,7 +13,7 @@ import eventful_fx
 from eventful_fx.video import builtin_clip
 
 from models import TinyViT, TransformerEncoderViT
-from helpers import rel_err
+from helpers import assert_matches_dense, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +47,7 @@ def test_budget_one_equals_dense(name, clip):
     torch.manual_seed(0)
     model = MODELS[name]().eval()
     emodel = eventful_fx.compile(model, budget=1.0)
-    for frame in clip:
-        x = frame[None]
-        with torch.no_grad():
-            dense = model(x)
-        assert rel_err(emodel(x), dense) <= 1e-4
+    assert_matches_dense(emodel, model, clip, tol=1e-4)
     assert not emodel.stats.flush and emodel.plan.gates, "the frames after the first must run through the gates"
 
 
@@ -62,11 +58,7 @@ def test_hand_written_budget_one_equals_dense(model_cls, attention, clip):
     model = model_cls().eval()
     frames = torch.nn.functional.interpolate(clip, size=model.img_size if hasattr(model, "img_size") else 64)
     emodel = eventful_fx.compile(model, budget=1.0, attention=attention)
-    for frame in frames:
-        x = frame[None]
-        with torch.no_grad():
-            dense = model(x)
-        assert rel_err(emodel(x), dense) <= 1e-4
+    assert_matches_dense(emodel, model, frames, tol=1e-4)
 
 
 @pytest.mark.slow

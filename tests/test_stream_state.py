@@ -154,10 +154,19 @@ def test_training_mode_and_grad_are_left_alone_with_a_warning(clip):
     model.eval()
     with torch.no_grad():
         assert rel_err(out, model(clip[1:2])) < 1e-5  # eval-mode semantics: dropout off
-    x = clip[2:3].clone().requires_grad_()
     other = eventful_fx.compile(model, budget=1.0)
-    with pytest.warns(UserWarning, match="no gradient"):
-        assert not other(x).requires_grad
+    with pytest.warns(UserWarning, match="no gradient"):  # grad enabled, parameters that require it
+        assert not other(clip[2:3]).requires_grad
+    quiet = eventful_fx.compile(model, budget=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():  # eval mode, no grad asked for: nothing to say
+            quiet(clip[2:3])
+        model.requires_grad_(False)
+        frozen = eventful_fx.compile(model, budget=1.0)
+        frozen(clip[2:3])
+    with pytest.warns(UserWarning, match="no gradient"):  # an input that requires grad
+        assert not frozen(clip[3:4].clone().requires_grad_()).requires_grad
 
 
 def test_captures_from_several_threads(clip):
