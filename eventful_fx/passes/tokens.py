@@ -273,7 +273,9 @@ class TokenAnalysis:
         # a new token space (class tokens concatenated, a grid padded, a subset picked): number it afresh
         grows = layout.num_tokens > max((x.num_tokens for x in in_layouts if x), default=0)
         if layout.clean:
-            streams = torch.floor(oth / _STREAM)
+            # padding has no stream of its own (other id -1): it belongs to the stream of its token run
+            streams = torch.floor(oth / _STREAM).masked_fill(tok == -1, -math.inf).amax(
+                dim=layout.dims, keepdim=True).expand(tok.shape)
             fresh = _ids(tuple(tok.shape), layout.dims, True)
             layout = self._set(node, torch.where((tok == -1) | (tok >= _EXTRA), fresh + _EXTRA, fresh),
                                _other_ids(tuple(tok.shape), layout.dims, streams))
