@@ -49,3 +49,50 @@ def test_exact_at_one_and_counted_macs_at_quarter(sam_and_clip):
     emodel = eventful_fx.compile(model, budget=0.25, calibration=None)
     errors = assert_matches_dense(emodel, model, clip, tol=0.5)
     assert errors[0] < 1e-4 and emodel.stats.fraction <= 0.27
+
+
+def test_global_attention_with_query_bias_converts(sam_and_clip):
+    model, clip = sam_and_clip
+    report = eventful_fx.analyze(model, clip[:1], budget=0.25)
+    converted = [a for a in report.attention_sites if a.convertible]
+    assert len(converted) == 2 and all(a.tokens == (SIZE // 16) ** 2 for a in converted)  # the two global blocks
+    assert report.convertible_fraction > 0.9
+
+
+class QueryBias(torch.nn.Module):
+    """SAM's decomposed relative-position bias of a projection of patch tokens, as the model's output."""
+
+    def __init__(self, grid=6, dim=16, patch=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.grid = grid
+        self.embed = torch.nn.Conv2d(3, dim, patch, stride=patch)
+        self.proj = torch.nn.Linear(dim, dim)
+        self.rel_pos_h = torch.nn.Parameter(torch.randn(2 * grid - 1, dim))
+        self.rel_pos_w = torch.nn.Parameter(torch.randn(2 * grid - 1, dim))
+
+    def forward(self, image):
+        from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
+
+        x = self.embed(image).flatten(2).transpose(1, 2)  # [B, grid*grid, dim]
+        size = (self.grid, self.grid)
+        return get_decomposed_rel_pos_bias(self.proj(x), self.rel_pos_h, self.rel_pos_w, size, size)
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_bias_rows_of_selected_queries_equal_the_dense_rows(streams):
+    """Only tokens 5 and 17 change: their rows come from the gathered tables, the others are kept."""
+    model = QueryBias().eval()
+    x0 = torch.randn(streams, 3, 24, 24)
+    x1 = x0.clone()
+    for token in (5, 17):
+        row, col = divmod(token, 6)
+        x1[:, :, 4 * row:4 * row + 4, 4 * col:4 * col + 4] += 1.0
+    emodel = eventful_fx.compile(model, budget=0.3, policy="threshold", threshold=1e-4, dense_residual=False,
+                                 calibration=None)
+    with torch.no_grad():
+        emodel(x0)
+        out = emodel(x1)
+        assert list(emodel.stats.tokens.values()) == [2]  # two rows recomputed
+        assert (out - model(x1)).abs().max() < 1e-5
+        assert (model(x1) - model(x0))[:, [5, 17]].abs().amax() > 0.1  # those rows did change

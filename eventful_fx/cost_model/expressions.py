@@ -354,10 +354,13 @@ class _Walk:
         if args is None:
             return False
         attn_mask = args[0]
-        self.full(attn_mask)
         gate = self.sparse[q][0]
-        (batch, heads, n, d), dv = tensor_shape(k), tensor_shape(v)[-1]
-        bh, N, ks = batch * heads, self.tokens(n), self.cm.k[gate]
+        rows_selected = isinstance(attn_mask, fx.Node) and attn_mask in self.sparse and self.sparse[attn_mask][0] == gate
+        if not rows_selected:
+            self.full(attn_mask)
+        k_shape, dv = tensor_shape(k), tensor_shape(v)[-1]
+        n, d = k_shape[-2:]
+        bh, N, ks = math.prod(k_shape[:-2]), self.tokens(n), self.cm.k[gate]
         g = self.cm.gates[gate]
         g.sites.append(site.name)
         g.dense_macs += int(self.infos[node].macs)
@@ -376,7 +379,7 @@ class _Walk:
         self.full(v)
         expr = bh * ks * N * (d + dv)
         self.add("attention", site.name, gate, 0, bh * n * (d + dv), expr)
-        mask_shape = tensor_shape(attn_mask) if isinstance(attn_mask, fx.Node) else None
+        mask_shape = tensor_shape(attn_mask) if isinstance(attn_mask, fx.Node) and not rows_selected else None
         if mask_shape is not None:  # QueryGatedAttention gathers the mask's query rows
             mask_shape = (1,) * (4 - len(mask_shape)) + tuple(mask_shape)
             if mask_shape[-2] == 1:

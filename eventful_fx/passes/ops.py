@@ -25,6 +25,7 @@ GETITEM = "getitem"          # picks an output of a multi-output node (or indexe
 CAT = "cat"                  # concatenation: of tokens (class/register tokens) or of channels
 ATTENTION = "attention"      # fused scaled-dot-product attention
 MATMUL = "matmul"            # x @ W (linear) or q @ k^T / attn @ v (explicit attention)
+EINSUM = "einsum"            # token-wise when the token subscripts pass through; mixes when two token values contract
 CONV = "conv"                # a stride == kernel conv on the image is the patch embedding
 POOL = "pool"                # spatial pooling: reduces tokens
 NOOP = "noop"                # asserts and shape queries: no data
@@ -62,6 +63,7 @@ _register(GETITEM, "getitem")
 _register(CAT, "cat", "concat", "concatenate")
 _register(ATTENTION, "scaled_dot_product_attention")
 _register(MATMUL, "matmul", "mm", "bmm")
+_register(EINSUM, "einsum")
 _register(CONV, "conv2d", "convolution", "_convolution", "conv1d", "conv3d")
 _register(POOL, "adaptive_avg_pool2d", "adaptive_avg_pool1d", "avg_pool2d", "max_pool2d", "adaptive_max_pool2d",
           "avg_pool1d", "max_pool1d")

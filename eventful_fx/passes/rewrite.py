@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import math
 import operator
+import string
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from ..runtime import QueryGatedAttention, IncrementalAttention, TokenBuffer, TokenGate, gather_tokens
+from ..runtime.gate import gather_table
 from ..runtime.linear import SparseLinear
 from ..runtime.policy import Policy
 from . import ops
 from .ops import op_kind, op_name, tensor_shape
 from .regions import AttentionSite, Region
-from .tokens import NodeInfo, TokenLayout
+from .tokens import NodeInfo, TokenLayout, parse_einsum
 
 ATTENTION_MODES = ("dense", "query", "incremental")
 
@@ -234,6 +236,8 @@ class EventfulRewrite:
             pad, suffix, run = list(args[1]), len(in_shape) - src_layout.dims[-1] - 1, len(src_layout.dims)
             pad = pad[: 2 * suffix] + ([0, 0] if len(pad) > 2 * suffix else []) + pad[2 * (suffix + run):]
             new = self.graph.call_function(node.target, (args[0], pad, *args[2:]), kwargs)
+        elif kind == ops.EINSUM:
+            new = self._sparse_einsum(node, idx)
         elif name == "linear" and node.op == "call_function" and len(args) >= 2:
             module = f"linear_{node.name}"
             self.modules[module] = SparseLinear(self.linear_kernel)
@@ -259,6 +263,46 @@ class EventfulRewrite:
             self.sparse[node] = (new, idx, parent_layout)
             return
         self.sparse[node] = (new, idx, out_layout)
+
+    def _sparse_einsum(self, node: fx.Node, idx: fx.Node) -> fx.Node:
+        """The einsum on the k selected tokens: the token run's subscripts become one, and a table indexed
+        by token subscripts is gathered per selected token (then a stream subscript joins the equation)."""
+        terms, out, operands = parse_einsum(node)
+        info = self.infos[node]
+        pos = next(i for i, a in enumerate(operands) if isinstance(a, fx.Node) and a in self.sparse)
+        source = operands[pos]
+        data, _, layout = self.sparse[source]
+        term, shape = terms[pos], tensor_shape(source)
+        t0, t1 = layout.dims[0], layout.dims[-1] + 1
+        run, run_sizes = term[t0:t1], list(shape[t0:t1])
+        free = iter(c for c in string.ascii_letters if c not in node.args[0])
+        token = next(free)
+        new_terms, new_out = list(terms), out.replace(run, token)
+        new_terms[pos] = term[:t0] + token + term[t1:]
+        values: list = [None] * len(operands)
+        k = self._k(idx)
+        if info.per_token_args:  # per-stream table rows: split the axes before the tokens into (stream, rest)
+            stream, rest = next(free), next(free)
+            data = self.graph.call_function(torch.reshape, (data, [self.batch, math.prod(shape[:t0]) // self.batch,
+                                                                   k, *shape[t1:]]))
+            new_terms[pos] = stream + rest + token + term[t1:]
+            new_out = stream + rest + new_out[t0:]
+        values[pos] = data
+        for i, (operand, t) in enumerate(zip(operands, terms)):
+            if i == pos:
+                continue
+            value = self.full(operand) if isinstance(operand, fx.Node) else operand
+            axes = info.per_token_args.get(i)
+            if axes:
+                positions = [run.index(t[a]) for a in axes]
+                value = self.graph.call_function(gather_table, (value, list(axes), positions, idx, run_sizes))
+                new_terms[i] = t[:axes[0]] + stream + token + t[axes[-1] + 1:]
+            values[i] = value
+        new = self.graph.call_function(torch.einsum, (",".join(new_terms) + "->" + new_out, *values))
+        if info.per_token_args:
+            out_shape, o0 = tensor_shape(node), out.index(run[0])
+            new = self.graph.call_function(torch.reshape, (new, [*out_shape[:o0], k, *out_shape[o0 + len(run):]]))
+        return new
 
     def _k(self, idx: fx.Node) -> fx.Node:
         """The region's token count on this frame, as a graph value."""
@@ -302,14 +346,17 @@ class EventfulRewrite:
             return False
         attn_mask, scale = args
         q_data, idx, q_layout = self.sparse[q]
-        mask = self.full(attn_mask) if isinstance(attn_mask, fx.Node) else attn_mask
+        rows_selected = isinstance(attn_mask, fx.Node) and attn_mask in self.sparse and self.sparse[attn_mask][1] is idx
+        mask = self.sparse[attn_mask][0] if rows_selected else \
+            self.full(attn_mask) if isinstance(attn_mask, fx.Node) else attn_mask
         name = site.name
         if runs_incremental(site, mode, lambda a: self.sparse[a][1] if a in self.sparse else None):
             self.modules[name] = IncrementalAttention(tensor_shape(k)[-2])
             self.env[node] = self.graph.call_module(name, (q_data, self.sparse[k][0], self.sparse[v][0], idx, mask, scale))
         else:
             self.modules[name] = QueryGatedAttention()
-            out = self.graph.call_module(name, (q_data, self.full(k), self.full(v), idx, mask, scale))
+            out = self.graph.call_module(name, (q_data, self.full(k), self.full(v), idx, mask, scale),
+                                         {"mask_rows_selected": rows_selected})
             self.sparse[node] = (out, idx, self.infos[node].layout)
         return True
 
@@ -318,8 +365,11 @@ def runs_incremental(site: AttentionSite, mode: str, token_set_of) -> bool:
     """Whether a gated site runs incremental attention: asked for, and its keys and values are carried
     sparse on its queries' tokens (otherwise it runs query-gated). `token_set_of(a)`: a's token set, or None."""
     queries = token_set_of(site.q)
-    return mode == "incremental" and all(token_set_of(a) is not None and token_set_of(a) == queries
-                                         for a in (site.k, site.v))
+    # a bias computed from the queries (carried on their tokens) exists for the selected rows only,
+    # while incremental attention needs its columns at every row: such sites run query-gated
+    return mode == "incremental" and len(tensor_shape(site.q)) == 4 and \
+        (site.mask is None or token_set_of(site.mask) is None) and \
+        all(token_set_of(a) is not None and token_set_of(a) == queries for a in (site.k, site.v))
 
 
 def joinable(node: fx.Node, infos: dict[fx.Node, NodeInfo], sparse_of):
@@ -358,7 +408,7 @@ def gateable_sdpa_args(site: AttentionSite, mode: str, sparse) -> tuple | None:
     attn_mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
     dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
     is_causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)
-    if is_causal or dropout or len(tensor_shape(q)) != 4:
+    if is_causal or dropout or len(tensor_shape(q)) < 3:
         return None
     return attn_mask, node.kwargs.get("scale", None)
 

@@ -220,6 +220,8 @@ class TokenAnalysis:
             return NodeInfo(kind, layout=layout, tokenwise=self.infos[node.args[0]].tokenwise)
         if kind == ops.ATTENTION:
             return self._attention(node, out_shape, macs)
+        if kind == ops.EINSUM:
+            return self._einsum(node, out_shape, macs)
         if not tracked:
             return self._lost(kind, "an input's token layout is unknown", macs)
         if out_shape is None:
@@ -353,6 +355,61 @@ class TokenAnalysis:
                         opaque=node not in self._ids, macs=macs,
                         reason="a product of two token-carrying values mixes tokens (explicit attention)")
 
+    def _einsum(self, node, out_shape, macs) -> NodeInfo:
+        """einsum with one token-carrying operand whose token subscripts reach the output: token-wise.
+
+        The other operands are constants (weights, tables); one indexed by a token subscript
+        holds a row per token (a relative-position table) and is gathered with the gate's
+        indices (`per_token_args`: operand position -> its token axes). Two token-carrying
+        operands contracted together are attention written as einsum."""
+        parsed = parse_einsum(node)
+        if parsed is None:
+            return self._lost(ops.EINSUM, "an einsum without an explicit output ('->'), with '...' or a "
+                              "repeated subscript", macs)
+        terms, out, operands = parsed
+        carriers = [i for i, a in enumerate(operands) if isinstance(a, fx.Node) and self.infos[a].carries_tokens]
+        if len(carriers) != 1:
+            return NodeInfo("attention_matmul", opaque=True, macs=macs,
+                            reason="an einsum of two token-carrying values mixes tokens (explicit attention)")
+        position = carriers[0]
+        source, term = operands[position], terms[position]
+        layout = self.infos[source].layout
+        if source not in self._ids or layout is None:
+            return self._lost(ops.EINSUM, "an input's token layout is unknown", macs)
+        labels = [term[d] for d in layout.dims]
+        if any(label not in out for label in labels):
+            return NodeInfo("token_reduce", macs=macs, reason="an einsum sums over the token axis")
+        tok, oth = self._ids[source]
+        kept = [label for label in term if label in out]
+        index = tuple(slice(None) if label in out else 0 for label in term)  # ids are constant along contracted axes
+        tok, streams = tok[index], torch.floor(oth / _STREAM)[index]
+        order = [kept.index(label) for label in out if label in kept]
+        view = [tok.shape[kept.index(label)] if label in kept else 1 for label in out]
+        tok = tok.permute(order).reshape(view).expand(out_shape).contiguous()
+        streams = streams.permute(order).reshape(view).expand(out_shape)
+        dims = tuple(out.index(label) for label in labels)
+        layout_out = self._set(node, tok, _other_ids(tuple(out_shape), dims, streams))
+        per_token, reason = {}, None
+        for i, (a, t) in enumerate(zip(operands, terms)):
+            if i != position and isinstance(a, fx.Node):
+                axes = tuple(d for d, label in enumerate(t) if label in labels)
+                if axes:
+                    per_token[i] = axes
+                if a in self._mixed:
+                    reason = "reads a value mixed from all tokens (token-mixing MLP, pooling): a gate cannot see it change"
+                if any(label in term[:layout.dims[0]] for label in t):
+                    reason = "an einsum operand shares the batch subscripts of the tokens"
+                if axes and axes != tuple(range(axes[0], axes[0] + len(axes))):
+                    reason = "an einsum table indexed by token subscripts on axes that are not adjacent"
+        if "".join(label for label in out if label in labels) != "".join(labels):
+            reason = "an einsum reorders the token axes"
+        if per_token and out[:out.index(labels[0])] != term[:layout.dims[0]]:
+            reason = "an einsum with a per-token table changes the axes before the tokens"
+        if reason is None and not (layout.clean and layout_out is not None and layout_out.clean):
+            reason = "mixes token axes with batch or channel axes"
+        return NodeInfo(ops.EINSUM, layout=layout_out, tokenwise=reason is None, macs=macs, reason=reason,
+                        per_token_args=per_token)
+
     def _attention(self, node, out_shape, macs) -> NodeInfo:
         q, k, v = node.args[:3]
         mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
@@ -365,8 +422,9 @@ class TokenAnalysis:
             reason = "q, k or v mixes tokens with other axes (for example window partitions)"
         elif any(x.dims != (len(tensor_shape(a)) - 2,) for a, x in zip((q, k, v), layouts)):
             reason = "tokens are not on axis -2 of q, k, v"
-        elif isinstance(mask, fx.Node) and self.infos[mask].carries_tokens:
-            reason = "the attention bias depends on the tokens' values"
+        elif isinstance(mask, fx.Node) and self.infos[mask].carries_tokens and not _rows_follow(
+                self.infos[mask].layout, tensor_shape(mask), layouts[0]):
+            reason = "the attention bias depends on the tokens' values, not row by row on the queries'"
         return NodeInfo(ops.ATTENTION, layout=layout, macs=macs, reason=reason)
 
     # -- multiply-accumulates -------------------------------------------------------------
@@ -389,6 +447,27 @@ class TokenAnalysis:
         if name == "einsum":
             return _einsum_macs(node.args[0], [tensor_shape(a) for a in node.args[1:]] if not isinstance(node.args[1], (list, tuple)) else [tensor_shape(a) for a in node.args[1]])
         return 0
+
+
+def _rows_follow(mask: TokenLayout | None, shape, queries: TokenLayout) -> bool:
+    """A bias whose token axis is its row axis, in the queries' token order: row i depends only on query i
+    (SAM's decomposed relative position), so it can be computed for the selected queries alone."""
+    return mask is not None and mask.clean and mask.dims == (len(shape) - 2,) and \
+        mask.num_tokens == queries.num_tokens and bool(torch.equal(mask.order, queries.order))
+
+
+def parse_einsum(node: fx.Node):
+    """(input terms, output term, operands) of an einsum node with an explicit output, else None."""
+    equation = node.args[0].replace(" ", "")
+    operands = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
+        else list(node.args[1:])
+    if "->" not in equation or "." in equation:
+        return None
+    inputs, out = equation.split("->")
+    terms = inputs.split(",")
+    if len(terms) != len(operands) or any(len(set(t)) != len(t) for t in terms):
+        return None
+    return terms, out, operands
 
 
 def _einsum_macs(equation: str, shapes: list) -> int:

@@ -66,14 +66,24 @@ class QueryGatedAttention(StatefulOp):
     """
 
     def forward(self, q_sel: Tensor, k: Tensor, v: Tensor, idx: Tensor, attn_mask: Tensor | None = None,
-                scale: float | None = None, *, dropout_p: float = 0.0, is_causal: bool = False) -> Tensor:
+                scale: float | None = None, *, dropout_p: float = 0.0, is_causal: bool = False,
+                mask_rows_selected: bool = False) -> Tensor:
+        """`mask_rows_selected`: attn_mask holds the selected queries' rows already (a bias computed
+        from the queries on the gate's tokens), so it is not gathered."""
         _only_plain_attention("QueryGatedAttention", dropout_p, is_causal)
         self.matmul_macs = _batch_size(q_sel, k, v) * q_sel.shape[-2] * k.shape[-2] * (q_sel.shape[-1] + v.shape[-1])
         self.overhead_macs = 0
         if q_sel.shape[-2] == 0:
             return q_sel.new_empty(*q_sel.shape[:-1], v.shape[-1])
-        if attn_mask is not None:
-            attn_mask = gather_rows(attn_mask, idx)
+        if attn_mask is not None and not mask_rows_selected:
+            if q_sel.ndim == 3:  # [B*H, k, d] queries (heads folded into the batch): [B, H, ...] for the gather
+                rows = attn_mask.shape[0] if attn_mask.ndim == 3 else 1
+                attn_mask = attn_mask.reshape(idx.shape[0] if rows > 1 else 1, -1, *attn_mask.shape[-2:])
+                attn_mask = gather_rows(attn_mask, idx)
+                attn_mask = attn_mask.expand(idx.shape[0], q_sel.shape[0] // idx.shape[0], *attn_mask.shape[-2:]) \
+                    .flatten(0, 1)
+            else:
+                attn_mask = gather_rows(attn_mask, idx)
             self.overhead_macs = attn_mask.numel()
         return F.scaled_dot_product_attention(q_sel, k, v, attn_mask=attn_mask, scale=scale)
 

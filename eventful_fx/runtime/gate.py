@@ -53,6 +53,21 @@ def gather_rows(mask: Tensor, idx: Tensor) -> Tensor:
     return gather_tokens(mask, idx, dim=2)
 
 
+def gather_table(table: Tensor, axes: Sequence[int], positions: Sequence[int], idx: Tensor,
+                 run_sizes: Sequence[int]) -> Tensor:
+    """A per-token table's rows for the selected tokens idx [B, k] of a token run of `run_sizes`.
+
+    Axis `axes[i]` of the table is indexed by coordinate `positions[i]` of the run (a grid
+    run (H, W) has coordinates idx // W and idx % W: a relative-position table per row or
+    column); the (adjacent) indexed axes become [B, k] at axes[0].
+    """
+    strides = [math.prod(run_sizes[p + 1:]) for p in range(len(run_sizes))]
+    index: list = [slice(None)] * table.ndim
+    for axis, p in zip(axes, positions):
+        index[axis] = torch.div(idx, strides[p], rounding_mode="floor") % run_sizes[p]
+    return table[tuple(index)]
+
+
 def score_dtype(x_dtype: torch.dtype, state_dtype: torch.dtype) -> torch.dtype:
     """The dtype a gate keeps its per-token distances in: float32, or wider when its input or state is."""
     return torch.promote_types(torch.promote_types(x_dtype, state_dtype), torch.float32)
