@@ -23,6 +23,7 @@ import torch.fx as fx
 
 from .cost_model.planner import Planner
 from .passes import ops
+from .passes.canonicalize import FuseExplicitAttention
 from .passes.capture import capture
 from .passes.ops import node_value, op_kind, op_name, source_line, tensor_shape
 from .passes.regions import find_regions, region_macs
@@ -234,7 +235,7 @@ def analyze(model: torch.nn.Module, example_input, *, name: str | None = None, b
     and `memory_cap_bytes` options): each gate's k, the predicted MACs and state memory.
     """
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
-    gm = capture(model, tuple(inputs))
+    gm = FuseExplicitAttention().call(capture(model, tuple(inputs)))
     shapes = [list(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
     return analyze_graph(gm, name=name or type(model).__name__, input_shapes=shapes, budget=budget,
                          attention=attention, memory_cap_bytes=memory_cap_bytes)

@@ -29,6 +29,7 @@ import torch.utils._pytree as pytree
 
 from .calibration import CALIBRATION_FRAMES, Calibration, base_fraction, calibrate
 from .cost_model.planner import Decision, ErrorFit, Planner
+from .passes.canonicalize import FuseExplicitAttention
 from .passes.capture import capture
 from .passes.regions import find_regions
 from .passes.rewrite import ATTENTION_MODES, EventfulRewrite, Plan, RegionGate
@@ -276,7 +277,7 @@ class EventfulModule(torch.nn.Module):
 
     # -- internals ------------------------------------------------------------------------
     def _build(self, args: tuple, kwargs: dict, calibrations: dict | None = None) -> None:
-        gm = capture(self.model, tuple(args), kwargs)
+        gm = FuseExplicitAttention().call(capture(self.model, tuple(args), kwargs))
         infos = TokenAnalysis(gm).run()
         regions, sites = find_regions(gm, infos, dense_residual=self.dense_residual)
         leaves, spec = pytree.tree_flatten((tuple(args), kwargs))

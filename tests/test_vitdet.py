@@ -96,3 +96,34 @@ def test_bias_rows_of_selected_queries_equal_the_dense_rows(streams):
         assert list(emodel.stats.tokens.values()) == [2]  # two rows recomputed
         assert (out - model(x1)).abs().max() < 1e-5
         assert (model(x1) - model(x0))[:, [5, 17]].abs().amax() > 0.1  # those rows did change
+
+
+@pytest.mark.parametrize("style", ["explicit", "sdpa"])
+def test_hand_written_vitdets(style):
+    """Two ViTDets of our own: explicit q·kᵀ/softmax/·v attention with an einsum bias from q and view/permute
+    windows on a padded grid; SDPA with a precomputed bias and unfold windows."""
+    from models import ViTDetExplicit, ViTDetSDPA
+
+    torch.manual_seed(0)
+    model = (ViTDetExplicit if style == "explicit" else ViTDetSDPA)().eval()
+    clip = builtin_clip(size=model.img_size, max_frames=4)
+    report = eventful_fx.analyze(model, clip[:1], budget=0.25)
+    assert report.attention_count == 4 and report.convertible_attention_count == 2  # the global blocks
+    assert report.convertible_linear_count == report.linear_count == 16
+    assert report.convertible_fraction > 0.9
+    assert_matches_dense(eventful_fx.compile(model, budget=1.0), model, clip, tol=1e-4)
+    emodel = eventful_fx.compile(model, budget=0.25, calibration=None)
+    assert_matches_dense(emodel, model, clip, tol=0.5)
+    assert emodel.stats.fraction <= 0.27
+
+
+def test_explicit_attention_is_fused_into_sdpa(sam_and_clip):
+    model, clip = sam_and_clip
+    explicit = SamBackbone().eval()
+    for block in explicit.sam.blocks:
+        block.attn.fused_attn = False  # timm's q·kᵀ + bias, softmax, ·v path
+    fused_report = eventful_fx.analyze(model, clip[:1], budget=0.25)
+    report = eventful_fx.analyze(explicit, clip[:1], budget=0.25)
+    assert report.convertible_attention_count == fused_report.convertible_attention_count == 2
+    assert abs(report.convertible_fraction - fused_report.convertible_fraction) < 0.01
+    assert_matches_dense(eventful_fx.compile(explicit, budget=1.0), explicit, clip, tol=1e-4)

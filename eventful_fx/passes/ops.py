@@ -20,6 +20,7 @@ REDUCE = "reduce"            # reduction over a dim: token-wise unless the dim i
 RESHAPE = "reshape"          # splits / merges axes
 PERMUTE = "permute"          # moves axes
 EXPAND = "expand"            # broadcasts size-1 axes
+UNFOLD = "unfold"            # sliding (or non-overlapping) windows along an axis: a layout op that never runs sparse
 INDEX = "index"              # unbind / select / split / slice along one dim
 GETITEM = "getitem"          # picks an output of a multi-output node (or indexes a tensor)
 CAT = "cat"                  # concatenation: of tokens (class/register tokens) or of channels
@@ -57,6 +58,7 @@ _register(RESHAPE, "view", "reshape", "_unsafe_view", "flatten", "unflatten", "s
           "reshape_as")
 _register(PERMUTE, "permute", "transpose", "t", "movedim", "swapaxes", "swapdims")
 _register(EXPAND, "expand", "expand_as", "broadcast_to")
+_register(UNFOLD, "unfold")
 _register(INDEX, "unbind", "select", "split", "split_with_sizes", "chunk", "slice", "narrow", "tensor_split", "pad",
           "constant_pad_nd")
 _register(GETITEM, "getitem")

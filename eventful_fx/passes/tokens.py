@@ -206,7 +206,7 @@ class TokenAnalysis:
             return NodeInfo(kind or ops.UNKNOWN, macs=macs)
         tracked = [a for a in token_args if a in self._ids]
         out_shape = tensor_shape(node)
-        if kind in (ops.RESHAPE, ops.PERMUTE, ops.EXPAND, ops.INDEX, ops.CAT) or (
+        if kind in (ops.RESHAPE, ops.PERMUTE, ops.EXPAND, ops.INDEX, ops.CAT, ops.UNFOLD) or (
             kind == ops.GETITEM and not isinstance(node_value(node.args[0]), (list, tuple))
         ):
             if len(tracked) < len(token_args):
@@ -268,6 +268,8 @@ class TokenAnalysis:
         layout = self._set(node, tok, oth)
         if layout is None:
             return NodeInfo("token_reduce", reason="picks single tokens (a class token)")
+        if kind == ops.UNFOLD:  # windows cut from the token grid: a gate after them reads the windows' order
+            return NodeInfo(kind, layout=layout, reason="cuts windows (unfold): gates start after it")
         if _same_tokens(layout, in_layouts):
             ok = inputs_clean and layout.clean and torch.equal(layout.order, in_layouts[0].order)
             reason = None if ok else "mixes token axes with batch or channel axes" if not layout.clean else "reorders tokens"
