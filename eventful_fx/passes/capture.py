@@ -11,7 +11,9 @@ import contextlib
 import inspect
 import io
 import logging
+import os
 import threading
+import traceback
 import warnings
 
 import torch
@@ -41,7 +43,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict 
         try:
             with torch.no_grad():
                 try:
-                    with _quiet():
+                    with _quiet(), _fake_data_ptr():
                         return torch.export.export(model, tuple(example_inputs), kwargs, strict=False).module()
                 except Exception as export_error:  # noqa: BLE001 - any failure sends us to the fallback
                     _check_model_runs(model, example_inputs, kwargs)
@@ -50,9 +52,9 @@ def capture(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict 
                             return _symbolic_trace(model, _positional(model, example_inputs, kwargs))
                     except Exception as trace_error:  # noqa: BLE001
                         raise CaptureError(
-                            f"could not capture {type(model).__name__}: torch.export failed: "
-                            f"{_first_line(export_error)}; fx.symbolic_trace failed: {_first_line(trace_error)}"
-                        ) from None
+                            f"could not capture {type(model).__name__}{_where(export_error)}: torch.export failed: "
+                            f"{_first_line(export_error)}{_hint(export_error)}; fx.symbolic_trace failed: "
+                            f"{_first_line(trace_error)}") from None
         finally:
             model.train(was_training)
 
@@ -67,6 +69,49 @@ def _check_model_runs(model, args: tuple, kwargs: dict) -> None:
                            else repr(a) for a in (*args, *kwargs.values()))
         raise InputError(f"{type(model).__name__} cannot run on input ({shapes}): "
                          f"{type(error).__name__}: {_first_line(error)}") from None
+
+
+@contextlib.contextmanager
+def _fake_data_ptr():
+    """`data_ptr()` of a traced (fake) tensor answers a distinct number instead of raising.
+
+    Models assert `x.data_ptr() != y.data_ptr()` to catch in-place bugs; export traces with
+    tensors that have no storage, so the assert alone would stop the capture. Distinct
+    tensors get distinct numbers (their ids), as distinct storages would."""
+    real = torch.Tensor.data_ptr
+
+    def data_ptr(self):
+        try:
+            return real(self)
+        except RuntimeError:
+            return id(self)
+
+    torch.Tensor.data_ptr = data_ptr
+    try:
+        yield
+    finally:
+        torch.Tensor.data_ptr = real
+
+
+_PACKAGE_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep,
+                 os.path.dirname(contextlib.__file__) + os.sep)
+
+
+def _where(error: BaseException) -> str:
+    """ ' at FILE:LINE (`code`)': the model's own line where tracing failed, when the traceback has one."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(_PACKAGE_DIRS)]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f" at {frame.filename}:{frame.lineno} (`{(frame.line or '').strip()}`)"
+
+
+def _hint(error: BaseException) -> str:
+    text = str(error)
+    if "data-dependent" in text or "data dependent" in text:
+        return (" (a value read from a tensor, e.g. `.item()`, decides control flow or an assert: move the check "
+                "out of forward, or write it as torch._check(...))")
+    return ""
 
 
 def _first_line(error: BaseException) -> str:
