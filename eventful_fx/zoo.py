@@ -37,9 +37,27 @@ class Tokens(TokensAndLogits):
         return vit.blocks(vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x)))))
 
 
+class FeaturesAndHead(torch.nn.Module):
+    """(features, head output) of any timm model: `forward_features` (for SAM/ViTDet the neck's
+    [B, C, H, W] map a detector reads) and `forward_head` on them."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+            raise TypeError(f"FeaturesAndHead needs a timm model; {type(model).__name__} has no forward_features")
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_features(x)
+        return features, self.model.forward_head(features)
+
+
 def tokens_and_logits(model: torch.nn.Module) -> torch.nn.Module:
-    """`TokensAndLogits(model)` for a timm VisionTransformer, else the model itself."""
-    try:
-        return TokensAndLogits(model).eval()
-    except TypeError:
-        return model
+    """`TokensAndLogits(model)` for a timm VisionTransformer, `FeaturesAndHead` for another timm model
+    (SAM, ViTDet), else the model itself."""
+    for view in (TokensAndLogits, FeaturesAndHead):
+        try:
+            return view(model).eval()
+        except TypeError:
+            pass
+    return model
