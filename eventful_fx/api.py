@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .calibration import CALIBRATION_FRAMES, Calibration, base_fraction, calibrate
+from .calibration import CALIBRATION_FRAMES, Calibration, base_fraction, calibrate, gate_groups
 from .cost_model.planner import Decision, ErrorFit, Planner
 from .passes.canonicalize import FuseExplicitAttention
 from .passes.capture import capture
@@ -346,6 +346,9 @@ class EventfulModule(torch.nn.Module):
         spec, leaves = self._signature
         if spec != pytree.tree_flatten(((None,), {}))[1] or leaves[0][0] != "tensor":
             return None  # not a single frame tensor: the uniform plan
+        runs = len(gate_groups(self.decision.model)) + 2 if self.decision is not None else 8
+        if self._dense_macs * CALIBRATION_FRAMES * runs > BUILTIN_CALIBRATION_MAX_MACS:
+            return None  # minutes, not seconds (SAM at 1024): the uniform plan; emodel.calibrate(frames) still fits
         _, shape, dtype, device = leaves[0]
         if len(shape) != 4 or shape[1] != 3 or not dtype.is_floating_point:
             return None  # not a batch of RGB frames: the uniform plan
@@ -443,6 +446,9 @@ class _Replica:
 
 _STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _STATE_VERSION = 1
+# the built-in calibration runs (groups + 2) plans over its frames: above this many MACs (ViT-B/224: ~0.7e12,
+# about 5 s on two cores; SAM-B at 1024: ~19e12) it would cost minutes, so the default plan stays uniform
+BUILTIN_CALIBRATION_MAX_MACS = 4e12
 # rebuilt from the saved stream state when unpickled or deep-copied (see __getstate__)
 _REBUILT = ("graph_module", "planner", "decision", "_captured", "_plan", "_gate_modules", "_stateful_modules",
             "_model_parts", "_signature", "stats")

@@ -88,7 +88,7 @@ def test_bias_rows_of_selected_queries_equal_the_dense_rows(streams):
     for token in (5, 17):
         row, col = divmod(token, 6)
         x1[:, :, 4 * row:4 * row + 4, 4 * col:4 * col + 4] += 1.0
-    emodel = eventful_fx.compile(model, budget=0.3, policy="threshold", threshold=1e-4, dense_residual=False,
+    emodel = eventful_fx.compile(model, budget=0.7, policy="threshold", threshold=1e-4, dense_residual=False,
                                  calibration=None)
     with torch.no_grad():
         emodel(x0)
