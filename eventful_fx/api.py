@@ -60,7 +60,7 @@ class EventfulModule(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, budget: float = 0.25, *, policy: str = "topk",
                  threshold: float = 0.1, attention: str = "query", refresh: int | None = None,
                  check_finite: bool = True, example_input=None, memory_cap_bytes: int | None = None,
-                 dense_residual: bool = True, linear_kernel: str = "auto", state_dtype: torch.dtype | None = None,
+                 dense_residual: bool = True, linear_kernel: str = "auto", state_dtype: torch.dtype | str | None = "auto",
                  calibration="builtin"):
         super().__init__()
         _check_budget(budget)
@@ -77,8 +77,8 @@ class EventfulModule(torch.nn.Module):
             raise ValueError(f"memory_cap_bytes must be a number of bytes >= 0 or None, got {memory_cap_bytes!r}")
         if linear_kernel not in KERNELS:
             raise ValueError(f"linear_kernel must be one of {KERNELS}, got {linear_kernel!r}")
-        if state_dtype is not None and state_dtype not in _STATE_DTYPES:
-            raise ValueError(f"state_dtype must be one of {_STATE_DTYPES} or None, got {state_dtype!r}")
+        if state_dtype is not None and state_dtype != "auto" and state_dtype not in _STATE_DTYPES:
+            raise ValueError(f"state_dtype must be 'auto', one of {_STATE_DTYPES} or None, got {state_dtype!r}")
         if not (calibration is None or isinstance(calibration, (torch.Tensor, list, tuple))
                 or (isinstance(calibration, str) and calibration == "builtin")):
             raise ValueError(f"calibration must be 'builtin', None or frames [T, ...] to calibrate on, "
@@ -92,7 +92,8 @@ class EventfulModule(torch.nn.Module):
         self.memory_cap_bytes = memory_cap_bytes
         self.dense_residual = dense_residual
         self.linear_kernel = linear_kernel
-        self.state_dtype = state_dtype
+        self.state_dtype_option = state_dtype
+        self.state_dtype = None if state_dtype == "auto" else state_dtype  # resolved per capture (`_build`)
         self._calibration_source = calibration
         self._forget_graph()
         if example_input is None and isinstance(calibration, torch.Tensor):
@@ -273,7 +274,7 @@ class EventfulModule(torch.nn.Module):
     def _options(self) -> dict:
         """The options the stream state depends on (the graph's structure and the state's dtype)."""
         return {"policy": self.policy, "attention": self.attention, "dense_residual": self.dense_residual,
-                "state_dtype": str(self.state_dtype)}
+                "state_dtype": str(self.state_dtype_option)}
 
     # -- internals ------------------------------------------------------------------------
     def _build(self, args: tuple, kwargs: dict, calibrations: dict | None = None) -> None:
@@ -289,10 +290,26 @@ class EventfulModule(torch.nn.Module):
         self._params_require_grad = any(p.requires_grad for p in self.model.parameters())
         self.planner = Planner(gm, infos, regions, sites, self._batch, attention=self.attention,
                                memory_cap_bytes=self.memory_cap_bytes, state_dtype=self.state_dtype)
+        if self.state_dtype_option == "auto":
+            self._resolve_state_dtype(gm, infos, regions, sites)
         self._calibrations = dict(calibrations or {})  # a new graph: its gates must be measured again
         self.__dict__["graph_module"] = None
         self.decision = None
         self._apply_plan()
+
+    def _resolve_state_dtype(self, gm, infos, regions, sites) -> None:
+        """state_dtype="auto": the model's dtype, unless one stream's state would outweigh the model's weights;
+        then float16 (half the state; on ViT-S at budget 0.25 the error moves from 0.0522 to 0.0524)."""
+        weights = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+        dtypes = {t.dtype for t in self.model.parameters()}
+        self.state_dtype = None
+        # per stream, so a stream gets the same dtype, and the same output, alone or in a batch
+        if not weights or dtypes - {torch.float32, torch.float64} or \
+                self.planner.plan(self._budget).state_bytes <= weights * self._batch:
+            return  # (a graph from torch.compile holds no weights: they are its inputs)
+        self.state_dtype = torch.float16
+        self.planner = Planner(gm, infos, regions, sites, self._batch, attention=self.attention,
+                               memory_cap_bytes=self.memory_cap_bytes, state_dtype=self.state_dtype)
 
     def _model_changed(self) -> bool:
         """Whether a parameter, buffer or submodule of the model was replaced since the capture.

@@ -21,7 +21,8 @@ class TokenBuffer(StatefulOp):
     itself (no copy): it is overwritten by the next call, so a caller that keeps a frame's
     output must clone it. Duplicate indices carry identical data (gate padding), so the
     write order does not matter. With a `state_dtype` other than the tokens' dtype the
-    buffer is kept in that dtype and each call returns a converted copy.
+    buffer is kept in that dtype and each call returns a converted copy (unrounded where every
+    token is fresh: a flush, budget 1).
     """
 
     def __init__(self, num_tokens: int, state_dtype: torch.dtype | None = None) -> None:
@@ -53,7 +54,23 @@ class TokenBuffer(StatefulOp):
         if (full is None or full.shape[0] != rows or full.shape[2:] != token_shape
                 or full.dtype != dtype or full.device != fresh.device):
             full = self._full = fresh.new_zeros(rows, self.num_tokens, *token_shape, dtype=dtype)
-        fresh = fresh.to(dtype)
+        if dtype == fresh_dtype:
+            self._write(full, fresh, idx)
+            self.overhead_macs = fresh.numel()
+            return full
+        self._write(full, fresh.to(dtype), idx)
+        out = full.to(fresh_dtype)
+        self.overhead_macs = fresh.numel() + full.numel()
+        if k == self.num_tokens:
+            # every token is fresh (a flush, budget 1): they go out unrounded, so those frames stay exact.
+            # Not below: a token returned unrounded now and rounded on a repeated frame would look changed
+            self._write(out, fresh, idx)
+            self.overhead_macs += fresh.numel()
+        return out
+
+    def _write(self, full: Tensor, fresh: Tensor, idx: Tensor) -> None:
+        batch, k = idx.shape
+        rows, token_shape = fresh.shape[0], fresh.shape[2:]
         if batch == 1:  # one stream: write along the token axis, straight from a strided source
             full.index_copy_(1, idx[0], fresh)
         else:
@@ -61,5 +78,3 @@ class TokenBuffer(StatefulOp):
                 idx = idx.repeat_interleave(rows // batch, 0)
             full.view(rows * self.num_tokens, *token_shape).index_copy_(
                 0, flat_token_index(idx, self.num_tokens), fresh.reshape(rows * k, *token_shape))
-        self.overhead_macs = fresh.numel() + (full.numel() if dtype != fresh_dtype else 0)
-        return full.to(fresh_dtype)
