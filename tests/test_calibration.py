@@ -13,8 +13,8 @@ from helpers import rel_err
 
 
 @pytest.fixture(scope="module")
-def clip():
-    return builtin_clip(size=224, max_frames=12)
+def clip(frames_of):
+    return frames_of(224, 12)
 
 
 @pytest.fixture(scope="module")

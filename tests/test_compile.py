@@ -10,15 +10,14 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import eventful_fx
-from eventful_fx.video import builtin_clip
 
 from models import TinyViT, TransformerEncoderViT
 from helpers import assert_matches_dense, rel_err
 
 
 @pytest.fixture(scope="module")
-def clip():
-    return builtin_clip(size=224, max_frames=8)  # [8, 3, 224, 224]
+def clip(frames_of):
+    return frames_of(224, 8)  # [8, 3, 224, 224]
 
 
 def _tv_vit():

@@ -13,13 +13,12 @@ import torch
 
 import eventful_fx
 from eventful_fx.passes.capture import InputError
-from eventful_fx.video import builtin_clip
 from helpers import rel_err
 
 
 @pytest.fixture(scope="module")
-def clip():
-    return builtin_clip(size=224, max_frames=4)
+def clip(frames_of):
+    return frames_of(224, 4)
 
 
 def tiny_vit():

@@ -15,13 +15,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import eventful_fx
-from eventful_fx.video import builtin_clip
 from helpers import rel_err
 
 
 @pytest.fixture(scope="module")
-def clip():
-    return builtin_clip(size=224, max_frames=6)
+def clip(frames_of):
+    return frames_of(224, 6)
 
 
 def tiny_vit(seed=0, **kwargs):
