@@ -156,20 +156,18 @@ class DetBlockExplicit(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
-class ViTDetExplicit(nn.Module):
-    """ViTDet backbone in the explicit style: a conv patch embedding to a [B, H, W, C] grid, absolute
-    position embedding, windowed blocks (the grid padded to a multiple of the window, partitioned by
-    view/permute) and global blocks, all with decomposed relative-position bias; returns the grid."""
+class _ViTDet(nn.Module):
+    """A conv patch embedding to a [B, H, W, C] grid, absolute position embedding, windowed and global
+    blocks of `block` (dim, heads, grid, window; window 0 = global); returns the grid."""
 
-    def __init__(self, img_size: int = 96, patch: int = 8, dim: int = 64, heads: int = 4, depth: int = 4,
-                 window: int = 5, global_blocks: tuple[int, ...] = (1, 3)):
+    def __init__(self, block, img_size: int, patch: int, dim: int, heads: int, depth: int, window: int,
+                 global_blocks: tuple[int, ...]):
         super().__init__()
         grid = img_size // patch
         self.img_size = img_size
         self.embed = nn.Conv2d(3, dim, patch, stride=patch)
         self.pos = nn.Parameter(torch.randn(1, grid, grid, dim) * 0.02)
-        self.blocks = nn.ModuleList(DetBlockExplicit(dim, heads, grid, 0 if i in global_blocks else window)
-                                    for i in range(depth))
+        self.blocks = nn.ModuleList(block(dim, heads, grid, 0 if i in global_blocks else window) for i in range(depth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x).permute(0, 2, 3, 1) + self.pos
@@ -177,6 +175,14 @@ class ViTDetExplicit(nn.Module):
             x = block(x)
         return x
 
+
+class ViTDetExplicit(_ViTDet):
+    """ViTDet in the explicit style: windowed blocks on a grid padded to a multiple of the window and
+    partitioned by view/permute, global blocks, all with decomposed relative-position bias from q."""
+
+    def __init__(self, img_size: int = 96, patch: int = 8, dim: int = 64, heads: int = 4, depth: int = 4,
+                 window: int = 5, global_blocks: tuple[int, ...] = (1, 3)):
+        super().__init__(DetBlockExplicit, img_size, patch, dim, heads, depth, window, global_blocks)
 
 class DetAttentionSDPA(nn.Module):
     """SDPA with a relative-position bias precomputed from a learned table (one value per head and
@@ -222,22 +228,10 @@ class DetBlockSDPA(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
-class ViTDetSDPA(nn.Module):
-    """ViTDet backbone in the fused style: SDPA everywhere, precomputed relative-position biases, windows
-    cut with `unfold` (the grid a multiple of the window), a global block every other block."""
+class ViTDetSDPA(_ViTDet):
+    """ViTDet in the fused style: SDPA everywhere, precomputed relative-position biases, windows cut
+    with `unfold` (the grid a multiple of the window), a global block every other block."""
 
     def __init__(self, img_size: int = 96, patch: int = 8, dim: int = 64, heads: int = 4, depth: int = 4,
                  window: int = 4, global_blocks: tuple[int, ...] = (1, 3)):
-        super().__init__()
-        grid = img_size // patch
-        self.img_size = img_size
-        self.embed = nn.Conv2d(3, dim, patch, stride=patch)
-        self.pos = nn.Parameter(torch.randn(1, grid, grid, dim) * 0.02)
-        self.blocks = nn.ModuleList(DetBlockSDPA(dim, heads, grid, 0 if i in global_blocks else window)
-                                    for i in range(depth))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x).permute(0, 2, 3, 1) + self.pos
-        for block in self.blocks:
-            x = block(x)
-        return x
+        super().__init__(DetBlockSDPA, img_size, patch, dim, heads, depth, window, global_blocks)
