@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import torch.utils._pytree as pytree
 from .calibration import CALIBRATION_FRAMES, Calibration, base_fraction, calibrate, gate_groups
 from .cost_model.planner import Decision, ErrorFit, Planner
 from .passes.canonicalize import FuseExplicitAttention
-from .passes.capture import capture
+from .passes.capture import LIBRARY_DIRS, capture
 from .passes.regions import find_regions
 from .passes.rewrite import ATTENTION_MODES, EventfulRewrite, Plan, RegionGate
 from .passes.tokens import TokenAnalysis
@@ -502,13 +501,10 @@ def _inference_only():
         yield
 
 
-_INTERNAL_FILES = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
-
-
 def _warn(message: str) -> None:
     """A warning attributed to the user's line: the first caller outside eventful_fx and torch."""
     frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_FILES):
+    while frame is not None and frame.f_code.co_filename.startswith(LIBRARY_DIRS):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, stacklevel=level)
 

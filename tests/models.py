@@ -137,11 +137,13 @@ def window_unpartition(x: torch.Tensor, size: int, padded: tuple[int, int], hw: 
 
 
 class DetBlockExplicit(nn.Module):
+    attention = DetAttentionExplicit
+
     def __init__(self, dim: int, heads: int, grid: int, window: int = 0):
         super().__init__()
         self.window = window
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = DetAttentionExplicit(dim, heads, window or grid)
+        self.attn = self.attention(dim, heads, window or grid)
         self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,13 +208,10 @@ class DetAttentionSDPA(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
-class DetBlockSDPA(nn.Module):
-    def __init__(self, dim: int, heads: int, grid: int, window: int = 0):
-        super().__init__()
-        self.window = window
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = DetAttentionSDPA(dim, heads, window or grid)
-        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+class DetBlockSDPA(DetBlockExplicit):
+    """The same block with SDPA attention and windows cut by unfold (no padding)."""
+
+    attention = DetAttentionSDPA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C], H and W multiples of the window
         b, h, w, c = x.shape

@@ -93,13 +93,14 @@ def _fake_data_ptr():
         torch.Tensor.data_ptr = real
 
 
-_PACKAGE_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep,
-                 os.path.dirname(contextlib.__file__) + os.sep)
+# torch, eventful_fx and the standard library: a frame outside them is the user's (or the model's) code
+LIBRARY_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep,
+                os.path.dirname(contextlib.__file__) + os.sep)
 
 
 def _where(error: BaseException) -> str:
     """ ' at FILE:LINE (`code`)': the model's own line where tracing failed, when the traceback has one."""
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(_PACKAGE_DIRS)]
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(LIBRARY_DIRS)]
     if not frames:
         return ""
     frame = frames[-1]
