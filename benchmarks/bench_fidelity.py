@@ -32,6 +32,7 @@ PLANS = {  # name -> compile options
     "uniform": {"calibration": None},                              # one k/N for every gate: the original's stand-in
     "incremental": {"attention": "incremental"},
     "residual gates": {"dense_residual": False, "calibration": None},  # the default before issue 10
+    "neighbour reuse": {"neighbour_reuse": True},                  # skipped tokens may take a neighbour's results
 }
 HELD_OUT = "carphone"
 

@@ -30,6 +30,7 @@ from .calibration import CALIBRATION_FRAMES, Calibration, base_fraction, calibra
 from .cost_model.planner import Decision, ErrorFit, Planner
 from .passes.canonicalize import FuseExplicitAttention
 from .passes.capture import LIBRARY_DIRS, capture
+from .passes.neighbours import MATCH_RADIUS, attach_neighbours
 from .passes.regions import find_regions
 from .passes.rewrite import ATTENTION_MODES, EventfulRewrite, Plan, RegionGate
 from .passes.tokens import TokenAnalysis
@@ -60,7 +61,7 @@ class EventfulModule(torch.nn.Module):
                  threshold: float = 0.1, attention: str = "query", refresh: int | None = None,
                  check_finite: bool = True, example_input=None, memory_cap_bytes: int | None = None,
                  dense_residual: bool = True, linear_kernel: str = "auto", state_dtype: torch.dtype | str | None = "auto",
-                 calibration="builtin"):
+                 calibration="builtin", neighbour_reuse: bool = False):
         super().__init__()
         _check_budget(budget)
         if not isinstance(model, torch.nn.Module):
@@ -90,6 +91,9 @@ class EventfulModule(torch.nn.Module):
         self.check_finite = check_finite
         self.memory_cap_bytes = memory_cap_bytes
         self.dense_residual = dense_residual
+        if not isinstance(neighbour_reuse, bool):
+            raise ValueError(f"neighbour_reuse must be True or False, got {neighbour_reuse!r}")
+        self.neighbour_reuse = neighbour_reuse
         self.linear_kernel = linear_kernel
         self.state_dtype_option = state_dtype
         self.state_dtype = None if state_dtype == "auto" else state_dtype  # resolved per capture (`_build`)
@@ -273,6 +277,7 @@ class EventfulModule(torch.nn.Module):
     def _options(self) -> dict:
         """The options the stream state depends on (the graph's structure and the state's dtype)."""
         return {"policy": self.policy, "attention": self.attention, "dense_residual": self.dense_residual,
+                "neighbour_reuse": self.neighbour_reuse,
                 "state_dtype": str(self.state_dtype_option)}
 
     # -- internals ------------------------------------------------------------------------
@@ -280,6 +285,7 @@ class EventfulModule(torch.nn.Module):
         gm = FuseExplicitAttention().call(capture(self.model, tuple(args), kwargs))
         infos = TokenAnalysis(gm).run()
         regions, sites = find_regions(gm, infos, dense_residual=self.dense_residual)
+        attach_neighbours(gm, infos, regions, sites, self.attention, MATCH_RADIUS if self.neighbour_reuse else 0)
         leaves, spec = pytree.tree_flatten((tuple(args), kwargs))
         self._captured = (gm, infos, regions, sites, _batch_size(infos, leaves))
         self._batch = self._captured[4]

@@ -10,7 +10,10 @@ formulas are those the runtime ops count (`matmul_macs`, `overhead_macs`, `state
 - a node of a gated region: its dense MACs · k / N (token-wise ops scale with the tokens);
 - a gate: B·N·C scoring + 2·B·C·k gather and reference write-back (C = channels per token);
   a gate reading a buffer scores only the k_u tokens written into it: B·k_u·C instead of B·N·C;
-- a buffer: k·C written (and N·C converted, when it keeps its state in another dtype);
+- a gate with neighbour reuse (`passes/neighbours.py`): B·N·(3C + 32·M) for scoring, its M
+  candidates on 32 channels, the full-channel check and the moves;
+- a buffer: k·C written (and N·C converted, when it keeps its state in another dtype; N·C
+  moved, counted on every frame, when its gate reuses neighbours);
 - query-gated attention: B·H·k·N·(d + dv), plus the gathered rows of a mask;
 - incremental attention: B·H·k·(N·(2d + 3dv) + 3N + 2d + 3dv + 2);
 - dense attention (and every other node outside a gated region): its dense MACs,
@@ -39,7 +42,7 @@ from ..passes.ops import node_value, op_kind, tensor_shape
 from ..passes.regions import AttentionSite, Region
 from ..passes.rewrite import gateable_sdpa_args, joinable, runs_incremental
 from ..passes.tokens import NodeInfo
-from ..runtime.gate import score_dtype
+from ..runtime.gate import SKETCH_DIM, score_dtype
 
 _MIXED = "<mixed>"  # changes from the input frame or a token-mixing node: anywhere
 _MIXING = (ops.ATTENTION, "attention_matmul", "token_reduce", "token_cat", "token_select", ops.CONV, ops.POOL)
@@ -194,6 +197,7 @@ class _Walk:
         self.state_dtype = state_dtype
         self.state_size = None if state_dtype is None else state_dtype.itemsize
         self.regions = [r for r in regions if r.name in gated]
+        self.reusing = {r.name: r.neighbours.shape[1] for r in self.regions if r.neighbours is not None}
         self.member_of = {n: r for r in self.regions for n in r.nodes}
         self.sites = {s.node: s for s in sites}
         self.cm = CostModel(gated, attention)
@@ -258,6 +262,8 @@ class _Walk:
         per_token = math.prod(shape) // n
         k = self.cm.k[gate]
         self.add("buffer", f"buf_{node.name}", gate, 0, per_token, per_token * k)
+        if gate in self.reusing:  # its gate may move rows: counted for every token
+            self.add("buffer", f"buf_{node.name}.moves", gate, per_token * n, 0, per_token * self.tokens(n))
         if self.state_dtype is not None and self.state_dtype != _dtype(node):  # returns a converted copy
             self.add("buffer", f"buf_{node.name}.convert", gate, per_token * n, 0, per_token * self.tokens(n))
         self.memory(f"buf_{node.name}", gate, math.prod(shape), self.state_size or _dtype(node).itemsize,
@@ -284,7 +290,10 @@ class _Walk:
         upstream = self.sparse[root][0] if root in self.sparse else None
         self.full(root)
         self.add("gate", name, name, 0, 2 * self.batch * channels, 2 * B * C * k)
-        if upstream is None:  # scores all N tokens
+        if name in self.reusing:  # neighbour reuse: distances, projections, candidates, check and moves, all N
+            per_token = 3 * channels + self.reusing[name] * min(SKETCH_DIM, channels)
+            self.add("gate", f"{name}.score", name, self.batch * n * per_token, 0, B * N * per_token)
+        elif upstream is None or upstream in self.reusing:  # scores all N tokens
             self.add("gate", f"{name}.score", name, self.batch * n * channels, 0, B * N * C)
         else:  # reads a buffer: scores only the tokens written into it
             self.add("gate", f"{name}.score", upstream, 0, self.batch * channels, B * C * self.cm.k[upstream])

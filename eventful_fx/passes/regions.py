@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
 from . import ops
@@ -22,6 +23,7 @@ from .tokens import NodeInfo
 class Region:
     root: fx.Node
     nodes: list[fx.Node] = field(default_factory=list)
+    neighbours: torch.Tensor | None = None  # [N, M] candidate positions for neighbour reuse (`neighbours.py`)
 
     @property
     def name(self) -> str:

@@ -40,8 +40,8 @@ class RegionGate(TokenGate):
     """A token gate reading a region's root in its own layout (token run `t0:t1` of `shape`)."""
 
     def __init__(self, policy: Policy, shape: tuple[int, ...], t0: int, t1: int, batch: int, always=(),
-                 state_dtype: torch.dtype | None = None):
-        super().__init__(policy, always, state_dtype)
+                 state_dtype: torch.dtype | None = None, neighbours: torch.Tensor | None = None):
+        super().__init__(policy, always, state_dtype, neighbours)
         self.shape, self.t0, self.t1, self.batch = shape, t0, t1, batch
         self.num_tokens = math.prod(shape[t0:t1])
         self.per_stream = math.prod(shape[:t0]) // batch  # prefix rows of one stream (1 unless heads)
@@ -57,19 +57,20 @@ class RegionGate(TokenGate):
         self.last_k = k
         if per_stream > 1:
             selected = selected.reshape(self.batch, k, per_stream, channels).movedim(1, 2)
-        return idx, selected.reshape(*self.shape[: self.t0], k, *self.shape[self.t1:])
+        return idx, selected.reshape(*self.shape[: self.t0], k, *self.shape[self.t1:]), self.moves
 
 
 class RegionBuffer(TokenBuffer):
     """A token buffer holding a region value in its own layout: writes the k fresh tokens, returns the full value."""
 
-    def __init__(self, shape: tuple[int, ...], t0: int, t1: int, state_dtype: torch.dtype | None = None):
-        super().__init__(math.prod(shape[t0:t1]), state_dtype)
+    def __init__(self, shape: tuple[int, ...], t0: int, t1: int, state_dtype: torch.dtype | None = None,
+                 neighbour_reuse: bool = False):
+        super().__init__(math.prod(shape[t0:t1]), state_dtype, neighbour_reuse)
         self.shape, self.t0 = shape, t0
         self.rows, self.channels = math.prod(shape[:t0]), math.prod(shape[t1:])
 
-    def forward(self, fresh: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return super().forward(fresh.reshape(self.rows, fresh.shape[self.t0], self.channels), idx).view(self.shape)
+    def forward(self, fresh: torch.Tensor, idx: torch.Tensor, moves=None) -> torch.Tensor:
+        return super().forward(fresh.reshape(self.rows, fresh.shape[self.t0], self.channels), idx, moves).view(self.shape)
 
 
 def _collapse_dim(d: int, layout: TokenLayout, ndim: int) -> int:
@@ -117,6 +118,7 @@ class EventfulRewrite:
         self.region_macs: dict[str, int] = {}       # region name -> MACs of the region when dense
         self.dense_macs_static = 0
         self.region_of_idx: dict[fx.Node, str] = {}
+        self.moves_of_idx: dict[fx.Node, fx.Node] = {}  # idx of a gate with neighbour reuse -> its moves
         self.k_nodes: dict[fx.Node, fx.Node] = {}
         self.joined: set[fx.Node] = set()
         self.gm = gm
@@ -141,8 +143,10 @@ class EventfulRewrite:
         data, idx, layout = self.sparse[node]
         name = f"buf_{node.name}"
         shape = tensor_shape(node)
-        self.modules[name] = RegionBuffer(shape, layout.dims[0], layout.dims[-1] + 1, self.state_dtype)
-        self.env[node] = self.graph.call_module(name, (data, idx))
+        moves = self.moves_of_idx.get(idx)
+        self.modules[name] = RegionBuffer(shape, layout.dims[0], layout.dims[-1] + 1, self.state_dtype,
+                                          neighbour_reuse=moves is not None)
+        self.env[node] = self.graph.call_module(name, (data, idx) if moves is None else (data, idx, moves))
         return self.env[node]
 
     def _map_full(self, args):
@@ -188,12 +192,17 @@ class EventfulRewrite:
         name = region.name
         shape = tensor_shape(root)
         self.modules[name] = RegionGate(self.plan.gates[name], shape, layout.dims[0], layout.dims[-1] + 1,
-                                        self.batch, always=layout.extra, state_dtype=self.state_dtype)
+                                        self.batch, always=layout.extra, state_dtype=self.state_dtype,
+                                        neighbours=region.neighbours)
         # a root restored by a buffer differs from the last frame only at the tokens written into it
-        changed = self.sparse[root][1] if root in self.sparse else None
+        # (unless its gate moves rows: then anywhere)
+        changed = self.sparse[root][1] if root in self.sparse and self.sparse[root][1] not in self.moves_of_idx \
+            else None
         out = self.graph.call_module(name, (self.full(root),) if changed is None else (self.full(root), changed))
         idx = self.graph.call_function(operator.getitem, (out, 0))
         data = self.graph.call_function(operator.getitem, (out, 1))
+        if region.neighbours is not None:
+            self.moves_of_idx[idx] = self.graph.call_function(operator.getitem, (out, 2))
         self.region_of_idx[idx] = name
         self.sparse[root] = (data, idx, layout)
         self.joined.discard(root)

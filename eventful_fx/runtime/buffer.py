@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .gate import flat_token_index
+from .gate import flat_token_index, move_rows
 from .state import StatefulOp, tensor_bytes
 
 
@@ -25,10 +25,12 @@ class TokenBuffer(StatefulOp):
     token is fresh: a flush, budget 1).
     """
 
-    def __init__(self, num_tokens: int, state_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, num_tokens: int, state_dtype: torch.dtype | None = None, neighbour_reuse: bool = False) -> None:
         super().__init__()
         self.num_tokens = num_tokens
         self.state_dtype = state_dtype
+        # its gate may move rows (neighbour reuse): their copy is counted on every call, for all N (worst case)
+        self.neighbour_reuse = neighbour_reuse
         self._full: Tensor | None = None
 
     def reset(self, streams: Sequence[int] | None = None) -> None:
@@ -45,7 +47,8 @@ class TokenBuffer(StatefulOp):
     def load_stream_state(self, state: dict) -> None:
         self._full = state["full"]
 
-    def forward(self, fresh: Tensor, idx: Tensor) -> Tensor:
+    def forward(self, fresh: Tensor, idx: Tensor, moves: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """`moves`: the gate's reference moves on this call (`TokenGate.moves`), applied before the write."""
         batch, k = idx.shape
         rows, token_shape, fresh_dtype = fresh.shape[0], fresh.shape[2:], fresh.dtype
         if rows % batch:
@@ -54,13 +57,16 @@ class TokenBuffer(StatefulOp):
         if (full is None or full.shape[0] != rows or full.shape[2:] != token_shape
                 or full.dtype != dtype or full.device != fresh.device):
             full = self._full = fresh.new_zeros(rows, self.num_tokens, *token_shape, dtype=dtype)
+        elif moves is not None:
+            move_rows(full.view(rows * self.num_tokens, *token_shape), moves, self.num_tokens, rows // batch)
+        moved = full.numel() if self.neighbour_reuse else 0
         if dtype == fresh_dtype:
             self._write(full, fresh, idx)
-            self.overhead_macs = fresh.numel()
+            self.overhead_macs = fresh.numel() + moved
             return full
         self._write(full, fresh.to(dtype), idx)
         out = full.to(fresh_dtype)
-        self.overhead_macs = fresh.numel() + full.numel()
+        self.overhead_macs = fresh.numel() + full.numel() + moved
         if k == self.num_tokens:
             # every token is fresh (a flush, budget 1): they go out unrounded, so those frames stay exact.
             # Not below: a token returned unrounded now and rounded on a repeated frame would look changed

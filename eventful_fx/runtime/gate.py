@@ -80,6 +80,25 @@ def _token_distances(x: Tensor, ref: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.linalg.vector_norm((x - ref).reshape(*x.shape[:2], -1), dim=-1, dtype=dtype)
 
 
+SKETCH_DIM = 32  # channels neighbour matching ranks candidates on (evenly spaced; the full channels then confirm)
+
+
+def move_rows(flat: Tensor, moves: tuple[Tensor, Tensor], num_tokens: int, rows_per_stream: int = 1) -> None:
+    """Copy token rows of flat [B*R*N, ...] from moves[1] to moves[0] (flat stream-token indices over [B, N]).
+
+    Every row a stream holds (R: one per head) moves with its token. Reads happen before writes.
+    """
+    to, frm = moves
+    if rows_per_stream > 1:
+        heads = torch.arange(rows_per_stream, device=to.device)
+
+        def rows(i: Tensor) -> Tensor:
+            first_row = (i // num_tokens * rows_per_stream).unsqueeze(1)
+            return ((first_row + heads) * num_tokens + (i % num_tokens).unsqueeze(1)).reshape(-1)
+        to, frm = rows(to), rows(frm)
+    flat.index_copy_(0, to, flat.index_select(0, frm))
+
+
 def _rank(score: Tensor) -> Tensor:
     # a stable sort breaks ties (e.g. unchanged tokens, all at 0) towards the lower token
     # index, so a stream's choice never depends on the batch it runs in; topk does not promise that
@@ -96,14 +115,25 @@ class TokenGate(StatefulOp):
     All streams share one k per call (the largest count); a stream with fewer selected
     tokens repeats its first selected token (or, when it selects none, token 0 with its
     reference data), so recomputing padded slots rewrites values already held downstream.
-    Threshold policies sync the host once per call to learn that k. `state_dtype` stores
+    Threshold policies sync the host once per call to learn that k.
+
+    `neighbours` [N, M] (column 0: the token itself) turns on neighbour reuse: each token is
+    compared, on 32 evenly spaced channels, with the references of its M - 1
+    candidates; where one is closer, also on the full channels, its reference is moved into
+    the token's slot before the selection, and `moves` (to, from: flat indices over [B, N])
+    tells the region's buffers to move their rows the same way (`move_rows`). A token the
+    gate then skips takes its neighbour's results instead of its own older ones. Such a gate
+    scores every token on every call (`changed` is not used). `state_dtype` stores
     the reference in another dtype (float16 halves it); x is rounded to it before scoring,
     so an unchanged token scores 0 whatever the dtype; scores are float32 or wider.
     """
 
-    def __init__(self, policy: Policy, always: Sequence[int] = (), state_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, policy: Policy, always: Sequence[int] = (), state_dtype: torch.dtype | None = None,
+                 neighbours: Tensor | None = None) -> None:
         super().__init__()
         self.policy = policy
+        self.neighbours = neighbours
+        self.moves: tuple[Tensor, Tensor] | None = None  # the last call's reference moves
         self.state_dtype = state_dtype
         # tokens updated on every frame whatever their score: class and register tokens summarise
         # the whole image, so their small per-frame changes matter more than their size says
@@ -137,11 +167,15 @@ class TokenGate(StatefulOp):
         batch, num_tokens = x.shape[:2]
         channels = math.prod(x.shape[2:])
         ref = self._ref
+        self.moves = None
         if ref is None or ref.shape != x.shape or ref.dtype != (self.state_dtype or x.dtype) or ref.device != x.device:
             return self._flush_all(x)
         flushed, flush = self._take_flush(batch, x.device)
 
-        self._score = distance = self._distance(x, ref, None if flush is not None else changed)
+        if self.neighbours is not None:
+            self._score = distance = self._match(x, ref, flush)
+        else:
+            self._score = distance = self._distance(x, ref, None if flush is not None else changed)
         score = distance
         if self.always:
             if self._always_idx is None or self._always_idx.device != x.device:
@@ -201,8 +235,51 @@ class TokenGate(StatefulOp):
         if any_empty:  # token 0 of an empty stream kept its old reference, and its distance
             distance[:, 0] = torch.where(counts == 0, kept, distance[:, 0])
 
-        self.overhead_macs = batch * self._scored * channels + 2 * batch * k_call * channels
+        self.overhead_macs = self._scoring_macs(batch, num_tokens, channels) + 2 * batch * k_call * channels
         return idx, selected.view(batch, k_call, *x.shape[2:])
+
+    def _scoring_macs(self, batch: int, num_tokens: int, channels: int) -> int:
+        """Scoring's work: distances; with neighbour reuse also the candidates' distances on the sketch
+        channels, the full-channel check and the reference moves (the last two counted for every token)."""
+        if self.neighbours is None:
+            return batch * self._scored * channels
+        return batch * num_tokens * (3 * channels + self.neighbours.shape[1] * min(SKETCH_DIM, channels))
+
+    def _match(self, x: Tensor, ref: Tensor, flush: Tensor | None) -> Tensor:
+        """Move closer neighbours' references into place (sets `moves`); the distances [B, N] after the moves."""
+        batch, num_tokens = x.shape[:2]
+        self._scored = num_tokens
+        dtype = score_dtype(x.dtype, ref.dtype)
+        distance = _token_distances(x, ref, dtype)
+        table = self.neighbours = self.neighbours.to(x.device)
+        rows, refs = x.reshape(batch, num_tokens, -1), ref.reshape(batch, num_tokens, -1)
+        channels = rows.shape[-1]
+        step = max(1, channels // SKETCH_DIM)
+        sketch_x, sketch_ref = (t[:, :, : step * SKETCH_DIM: step].to(dtype).contiguous() for t in (rows, refs))
+        # squared distances up to the token's own norm: |candidate|^2 - 2 x.candidate (one small product per token)
+        rows_of = (table.view(1, -1) + torch.arange(batch, device=x.device).view(-1, 1) * num_tokens).view(-1)
+        candidates = sketch_ref.view(batch * num_tokens, -1).index_select(0, rows_of)
+        dots = torch.bmm(candidates.view(batch * num_tokens, table.shape[1], -1), sketch_x.view(batch * num_tokens, -1, 1))
+        norms = sketch_ref.square().sum(-1).view(-1).index_select(0, rows_of)
+        nearest = (norms - 2 * dots.view(-1)).view(batch, num_tokens, -1).argmin(-1)  # [B, N]
+        source = table.expand(batch, -1, -1).gather(2, nearest.unsqueeze(-1)).squeeze(-1)  # [B, N]
+        own = torch.arange(num_tokens, device=x.device)
+        moved = source != own
+        if flush is not None:
+            moved &= ~flush.unsqueeze(1)  # a flushed stream recomputes every token anyway
+        stream, token = torch.nonzero(moved, as_tuple=True)
+        if stream.numel() == 0:
+            return distance
+        to, frm = stream * num_tokens + token, stream * num_tokens + source[stream, token]
+        flat_x, flat_ref = rows.reshape(batch * num_tokens, -1), refs.reshape(batch * num_tokens, -1)
+        closer = _token_distances(flat_x.index_select(0, to)[None], flat_ref.index_select(0, frm)[None], dtype)[0]
+        better = closer < distance.view(-1).index_select(0, to)
+        to, frm, closer = to[better], frm[better], closer[better]
+        if to.numel():
+            move_rows(flat_ref, (to, frm), num_tokens)
+            distance.view(-1).index_copy_(0, to, closer)
+            self.moves = (to, frm)
+        return distance
 
     def _flush_all(self, x: Tensor) -> tuple[Tensor, Tensor]:
         batch, num_tokens = x.shape[:2]
@@ -250,6 +327,6 @@ class TokenGate(StatefulOp):
     def _select_nothing(self, x: Tensor) -> tuple[Tensor, Tensor]:
         batch, num_tokens = x.shape[:2]
         self.last_counts = 0
-        self.overhead_macs = batch * self._scored * math.prod(x.shape[2:])
+        self.overhead_macs = self._scoring_macs(batch, num_tokens, math.prod(x.shape[2:]))
         idx = torch.empty(batch, 0, dtype=torch.long, device=x.device)
         return idx, x.new_empty(batch, 0, *x.shape[2:])
