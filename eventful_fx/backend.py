@@ -1,4 +1,8 @@
-"""The `torch.compile` backend: `torch.compile(model, backend="eventful")`.
+"""The `torch.compile` backend: `torch.compile(model, backend="eventful", options={"budget": 0.5})`.
+
+The name resolves without importing eventful_fx first: pyproject.toml declares `eventful`
+in the `torch_dynamo_backends` entry-point group, which Dynamo reads the first time it
+meets a name it does not know. `options` go to `eventful_fx.compile` (budget included).
 
 Dynamo hands the backend a graph of torch-level calls with the parameters as inputs; the
 backend wraps it into an EventfulModule, which re-captures it with `torch.export` (so one
@@ -12,6 +16,7 @@ import weakref
 
 import torch
 from torch._dynamo import register_backend
+from torch._dynamo.backends import registry
 
 from .api import EventfulModule
 
@@ -39,4 +44,15 @@ def compiled_modules() -> list[EventfulModule]:
     return list(_modules)
 
 
-register_backend(name="eventful")(backend())
+def eventful(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
+    """The backend named "eventful": `torch.compile(model, backend="eventful", options={"budget": 0.5, ...})`."""
+    if mode is not None:
+        raise ValueError(f"the eventful backend has no modes (got mode={mode!r}); pass options={{'budget': ...}}")
+    options = dict(options or {})
+    return backend(options.pop("budget", 0.25), **options)(gm, example_inputs)
+
+
+# Dynamo registers the entry point itself when it loads this module through it (and would refuse
+# a second registration of the name); an import by the user registers it here
+if registry._BACKENDS.get("eventful") is None and "eventful" not in registry._COMPILER_FNS:
+    register_backend(name="eventful")(eventful)

@@ -1,4 +1,7 @@
 """torch.compile(model, backend="eventful"): the same eventful model through Dynamo."""
+import subprocess
+import sys
+
 import timm
 import torch
 
@@ -38,3 +41,26 @@ def test_backend_under_inference_mode_then_outside():
     for frame in frames[1:]:  # was: "Inplace update to inference tensor outside InferenceMode"
         with torch.no_grad():
             assert rel_err(compiled(frame[None]), model(frame[None])) <= 1e-4
+
+
+def test_backend_name_resolves_without_importing_eventful_fx_and_takes_options(tmp_path):
+    """The entry point (pyproject.toml, torch_dynamo_backends): a script that never imports eventful_fx."""
+    script = tmp_path / "plain_user.py"
+    script.write_text(
+        "import sys, timm, torch\n"
+        "torch.manual_seed(0)\n"
+        "model = timm.create_model('vit_tiny_patch16_224').eval()\n"
+        "assert 'eventful_fx' not in sys.modules\n"
+        "compiled = torch.compile(model, backend='eventful', options={'budget': 0.5, 'calibration': None})\n"
+        "torch.manual_seed(1)\n"
+        "frames = torch.randn(3, 1, 3, 224, 224)\n"
+        "frames[1:] = frames[0] + 0.05 * frames[1:]\n"
+        "with torch.no_grad():\n"
+        "    errors = [float((compiled(f) - model(f)).norm() / model(f).norm()) for f in frames]\n"
+        "from eventful_fx.backend import compiled_modules\n"
+        "(emodel,) = compiled_modules()\n"
+        "print(errors[0], errors[-1], emodel.budget, emodel.stats.fraction)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, last, budget, fraction = map(float, out.stdout.split()[-4:])
+    assert first <= 1e-5 and 0 < last and budget == 0.5 and fraction <= 0.52
