@@ -1,9 +1,11 @@
 """Measuring an eventful model against its dense original on one video, in one process.
 
-Dense and eventful calls alternate frame by frame, so both see the same machine load; speed
-is the ratio of their median wall-clock times over the incremental frames (the first frame
-is a flush for the eventful model and a warm-up for both); `paired_speedup` is the median of
-the per-frame ratios, robust to a machine whose speed drifts. Fidelity is the relative error
+Dense and eventful calls alternate frame by frame, so all see the same machine load. The
+dense model runs three ways (`baselines.py`: eager, linears on the packed oneDNN kernel,
+Inductor) and the speedup is taken against the fastest of them: the ratio of median
+wall-clock times over the incremental frames (the first frame is a flush for the eventful
+model and a warm-up, or compilation, for all); `paired_speedup` is the median of the
+per-frame ratios, robust to a machine whose speed drifts. Fidelity is the relative error
 ||eventful - dense|| / ||dense|| of all outputs together, averaged over the incremental
 frames; for a model that returns (tokens, logits) (`zoo.TokensAndLogits`) also of each: the
 error on every output token, the logits error and how often the top-1 class agrees.
@@ -13,11 +15,13 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
 from .api import compile as eventful_compile
+from .baselines import BASELINES, dense_baselines
 from .calibration import output_error
 
 
@@ -27,7 +31,7 @@ class Measurement:
     budget: float
     frames: int
     tokens: int
-    dense_ms: float        # median per incremental frame
+    dense_ms: float        # median per incremental frame, of the fastest dense baseline
     eventful_ms: float     # median per incremental frame
     mac_fraction: float    # eventful / dense MACs, mean over incremental frames (overhead included)
     rel_error: float       # mean over the incremental frames, all outputs together
@@ -37,6 +41,10 @@ class Measurement:
     logit_error: float | None = None     # ... on the logits
     top1_agreement: float | None = None  # ... fraction of frames whose top-1 class matches dense
     frame_errors: list[float] = field(default_factory=list)   # per incremental frame, all outputs
+    baseline: str = "eager"                                      # the fastest dense baseline
+    baseline_ms: dict[str, float] = field(default_factory=dict)  # median per incremental frame, each baseline
+    baselines_skipped: dict[str, str] = field(default_factory=dict)  # baselines left out, and why
+    compile_s: dict[str, float] = field(default_factory=dict)    # first call of each (Inductor: its compilation)
 
     @property
     def speedup(self) -> float:
@@ -49,12 +57,16 @@ class Measurement:
         return statistics.median(self.frame_speedups) if self.frame_speedups else self.speedup
 
     @property
+    def speedup_vs_eager(self) -> float:
+        return self.baseline_ms.get("eager", self.dense_ms) / self.eventful_ms
+
+    @property
     def mac_reduction(self) -> float:
         return 1.0 / self.mac_fraction
 
     def as_dict(self) -> dict:
         return {**asdict(self), "speedup": self.speedup, "paired_speedup": self.paired_speedup,
-                "mac_reduction": self.mac_reduction}
+                "speedup_vs_eager": self.speedup_vs_eager, "mac_reduction": self.mac_reduction}
 
 
 def _rel(out, ref) -> float:
@@ -73,50 +85,81 @@ def _timed(fn, x):
 
 
 def measure(model: torch.nn.Module, frames: torch.Tensor, budget: float, *, name: str = "", progress: bool = True,
-            **options) -> Measurement:
-    """Run `frames` [T, C, H, W] through the dense model and its eventful version, alternating."""
+            baselines: Sequence[str] | tuple[dict, dict] = BASELINES, **options) -> Measurement:
+    """Run `frames` [T, C, H, W] through the dense baselines and the eventful model, alternating.
+
+    `baselines`: names from `baselines.BASELINES`, or what `dense_baselines` built (to share an
+    Inductor compilation between budgets). The eager model is always run: fidelity is measured
+    against it.
+    """
     if frames.ndim != 4 or len(frames) < 2:
         raise ValueError(f"frames must be [T >= 2, C, H, W], got shape {tuple(frames.shape)}")
     model = model.eval()
+    dense_fns, skipped = baselines if isinstance(baselines, tuple) and len(baselines) == 2 and \
+        isinstance(baselines[0], dict) else dense_baselines(model, baselines)
+    dense_fns, skipped = {"eager": model, **dense_fns}, dict(skipped)
     emodel = eventful_compile(model, budget=budget, **options)
-    dense_ms, eventful_ms, fractions, errors, token_errors, logit_errors, agree = [], [], [], [], [], [], []
+    times: dict[str, list[float]] = {b: [] for b in dense_fns}
+    compile_s: dict[str, float] = {}
+    eventful_ms, fractions, errors, token_errors, logit_errors, agree = [], [], [], [], [], []
     with torch.no_grad():
         for t, frame in enumerate(tqdm(frames, desc=f"{name or 'model'} @ budget {budget}", disable=not progress,
                                        leave=False)):
             x = frame[None]
-            dense, d_ms = _timed(model, x)
+            dense, eager_ms = _timed(model, x)
+            for b, fn in list(dense_fns.items()):
+                try:
+                    ms = eager_ms if b == "eager" else _timed(fn, x)[1]
+                except Exception as e:  # noqa: BLE001 - a baseline that fails here is left out, with its reason
+                    skipped[b] = f"{type(e).__name__}: {e}".splitlines()[0]
+                    del dense_fns[b], times[b]
+                    continue
+                if t == 0:
+                    compile_s[b] = ms / 1e3
+                else:
+                    times[b].append(ms)
             out, e_ms = _timed(emodel, x)
             if t == 0:
-                continue  # the flush: dense for the eventful model, a warm-up for both
+                continue  # the flush: dense for the eventful model, a warm-up (or compilation) for the baselines
             errors.append(_all_outputs_error(out, dense))
             if isinstance(dense, tuple) and len(dense) == 2:  # (tokens, logits)
                 token_errors.append(_rel(out[0], dense[0]))
                 logit_errors.append(_rel(out[1], dense[1]))
                 agree.append(float(bool((out[1].argmax(-1) == dense[1].argmax(-1)).all())))
-            dense_ms.append(d_ms)
             eventful_ms.append(e_ms)
             fractions.append(emodel.stats.fraction)
+    baseline_ms = {b: statistics.median(v) for b, v in times.items()}
+    fastest = min(baseline_ms, key=baseline_ms.get)
     tokens = max(emodel.stats.tokens.values(), default=0)
     mean = (lambda xs: sum(xs) / len(xs) if xs else None)
     return Measurement(
         model=name, budget=budget, frames=len(frames), tokens=tokens,
-        dense_ms=statistics.median(dense_ms), eventful_ms=statistics.median(eventful_ms),
+        dense_ms=baseline_ms[fastest], eventful_ms=statistics.median(eventful_ms),
         mac_fraction=sum(fractions) / len(fractions),
         rel_error=mean(errors), max_rel_error=max(errors),
-        frame_speedups=[d / e for d, e in zip(dense_ms, eventful_ms)],
+        frame_speedups=[d / e for d, e in zip(times[fastest], eventful_ms)],
         token_error=mean(token_errors), logit_error=mean(logit_errors), top1_agreement=mean(agree),
-        frame_errors=errors,
+        frame_errors=errors, baseline=fastest, baseline_ms=baseline_ms, baselines_skipped=skipped,
+        compile_s=compile_s,
     )
 
 
 def format_table(rows: list[Measurement]) -> str:
-    header = f"{'model':<26} {'budget':>6} {'MACs':>6} {'saved':>6} {'dense ms':>9} {'eventful ms':>11} " \
-             f"{'speedup':>7} {'paired':>7} {'MAC red.':>8} {'rel. err':>8} {'tokens':>8} {'logits':>8} {'top-1':>5}"
+    """One row per measurement: each dense baseline's time, the eventful time, the speedup against the fastest
+    baseline (named) and against eager, MACs and fidelity."""
+    names = [b for b in BASELINES if any(b in r.baseline_ms for r in rows)]
+    header = f"{'model':<26} {'budget':>6} {'MACs':>6} {'saved':>6} " + \
+             "".join(f"{b + ' ms':>12}" for b in names) + f" {'eventful ms':>11} {'vs fastest':>16} " \
+             f"{'paired':>7} {'vs eager':>8} {'MAC red.':>8} {'rel. err':>8} {'tokens':>8} {'logits':>8} {'top-1':>5}"
     lines = [header, "-" * len(header)]
     opt = (lambda v, spec: format(v, spec) if v is not None else "")
     for r in rows:
-        lines.append(f"{r.model:<26} {r.budget:>6.3f} {r.mac_fraction:>6.3f} {1 - r.mac_fraction:>6.1%} "
-                     f"{r.dense_ms:>9.1f} {r.eventful_ms:>11.1f} {r.speedup:>6.2f}x {r.paired_speedup:>6.2f}x "
+        dense = "".join(f"{opt(r.baseline_ms.get(b), '.1f'):>12}" for b in names)
+        fastest = f"{r.speedup:.2f}x ({r.baseline})"
+        lines.append(f"{r.model:<26} {r.budget:>6.3f} {r.mac_fraction:>6.3f} {1 - r.mac_fraction:>6.1%} {dense} "
+                     f"{r.eventful_ms:>11.1f} {fastest:>16} {r.paired_speedup:>6.2f}x {r.speedup_vs_eager:>7.2f}x "
                      f"{r.mac_reduction:>7.2f}x {r.rel_error:>8.2e} {opt(r.token_error, '>8.2e'):>8} "
                      f"{opt(r.logit_error, '>8.2e'):>8} {opt(r.top1_agreement, '>5.0%'):>5}")
+    skipped = {b: why for r in rows for b, why in r.baselines_skipped.items()}
+    lines += [f"(dense baseline {b} left out: {why})" for b, why in skipped.items()]
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from eventful_fx.cli import main
     (["run", "--json", "/no/such/folder/o.json"], "--json"),
     (["run", "--video", "/no/such/clip.mp4"], "--video"),
     (["run", "--model", "vit_no_such_model"], "unknown model"),
+    (["run", "--baselines", "eager,tensorrt"], "--baselines"),
     (["analyze", "os:getcwd"], "not a torch.nn.Module"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, says, capsys, tmp_path, monkeypatch):
@@ -31,7 +32,7 @@ def test_bad_arguments_exit_2_with_one_line(argv, says, capsys, tmp_path, monkey
 def test_run_at_another_size_writes_json(capsys, tmp_path):
     out = tmp_path / "run.json"
     assert main(["run", "--model", "vit_tiny_patch16_224", "--size", "160", "--frames", "3", "--budget", "0.5",
-                 "--json", str(out)]) == 0  # was: timm's "Input height (160) doesn't match model (224)"
+                 "--baselines", "eager,packed", "--json", str(out)]) == 0  # was: timm's "Input height (160) doesn't match model (224)"
     assert "3 frames of 160x160" in capsys.readouterr().out
     (row,) = json.loads(out.read_text())
     assert row["budget"] == 0.5 and row["mac_fraction"] < 0.55
