@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--attention", default="query")
     parser.add_argument("--baselines", default=",".join(BASELINES), help="dense models timed (eager always)")
+    parser.add_argument("--inductor", action="store_true", help="the eventful model under torch.compile")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_cpu.json"))
     args = parser.parse_args()
@@ -45,7 +46,8 @@ def main() -> None:
         frames = builtin_clip(size=size, max_frames=args.frames)
         baselines = dense_baselines(model, args.baselines.split(","))  # one Inductor compilation per model
         for budget in (float(b) for b in args.budgets.split(",")):
-            rows.append(measure(model, frames, budget, name=name, attention=args.attention, baselines=baselines))
+            rows.append(measure(model, frames, budget, name=name, attention=args.attention, baselines=baselines,
+                                inductor=args.inductor))
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_table(rows))
@@ -57,6 +59,7 @@ def main() -> None:
                "threads": torch.get_num_threads(), "torch": torch.__version__}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": machine, "frames": args.frames, "attention": args.attention,
+                                          "inductor": args.inductor,
                                           "results": [r.as_dict() for r in rows]}, indent=2))
     print(f"\nwrote {args.out}")
 

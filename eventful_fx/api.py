@@ -281,6 +281,7 @@ class EventfulModule(torch.nn.Module):
                 "state_dtype": str(self.state_dtype_option)}
 
     # -- internals ------------------------------------------------------------------------
+    @torch.compiler.disable  # under torch.compile: capture, analysis and planning run eagerly, once
     def _build(self, args: tuple, kwargs: dict, calibrations: dict | None = None) -> None:
         gm = FuseExplicitAttention().call(capture(self.model, tuple(args), kwargs))
         infos = TokenAnalysis(gm).run()

@@ -127,6 +127,8 @@ def _add_run(p: argparse.ArgumentParser, budgets: str = "0.25") -> None:
     p.add_argument("--baselines", default="eager,packed,inductor",
                    help="dense models to time, the speedup is against the fastest: eager, packed (linears on the "
                         "packed oneDNN kernel), inductor (torch.compile); eager is always run")
+    p.add_argument("--inductor", action="store_true",
+                   help="run the eventful model under torch.compile (Inductor): faster frames, a compile first")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
@@ -191,7 +193,7 @@ def _run(args) -> int:
     model = tokens_and_logits(model)  # a timm ViT: fidelity on every output token as well as on the logits
     baselines = dense_baselines(model, args.baselines.split(","))  # built once: Inductor compiles once
     rows = [measure(model, frames, b, name=args.model, policy=args.policy, threshold=args.threshold,
-                    attention=args.attention, baselines=baselines) for b in budgets]
+                    attention=args.attention, baselines=baselines, inductor=args.inductor) for b in budgets]
     print(format_table(rows))
     for r in rows:
         fidelity = (f"output tokens within {r.token_error:.2%} of dense, logits within {r.logit_error:.2%}, top-1 "

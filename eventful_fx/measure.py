@@ -85,12 +85,14 @@ def _timed(fn, x):
 
 
 def measure(model: torch.nn.Module, frames: torch.Tensor, budget: float, *, name: str = "", progress: bool = True,
-            baselines: Sequence[str] | tuple[dict, dict] = BASELINES, **options) -> Measurement:
+            baselines: Sequence[str] | tuple[dict, dict] = BASELINES, inductor: bool = False,
+            **options) -> Measurement:
     """Run `frames` [T, C, H, W] through the dense baselines and the eventful model, alternating.
 
     `baselines`: names from `baselines.BASELINES`, or what `dense_baselines` built (to share an
     Inductor compilation between budgets). The eager model is always run: fidelity is measured
-    against it.
+    against it. `inductor`: run the eventful model under `torch.compile` (its first two calls
+    compile: the flush, then the first incremental frame).
     """
     if frames.ndim != 4 or len(frames) < 2:
         raise ValueError(f"frames must be [T >= 2, C, H, W], got shape {tuple(frames.shape)}")
@@ -99,6 +101,7 @@ def measure(model: torch.nn.Module, frames: torch.Tensor, budget: float, *, name
         isinstance(baselines[0], dict) else dense_baselines(model, baselines)
     dense_fns, skipped = {"eager": model, **dense_fns}, dict(skipped)
     emodel = eventful_compile(model, budget=budget, **options)
+    run = torch.compile(emodel) if inductor else emodel
     times: dict[str, list[float]] = {b: [] for b in dense_fns}
     compile_s: dict[str, float] = {}
     eventful_ms, fractions, errors, token_errors, logit_errors, agree = [], [], [], [], [], []
@@ -118,8 +121,9 @@ def measure(model: torch.nn.Module, frames: torch.Tensor, budget: float, *, name
                     compile_s[b] = ms / 1e3
                 else:
                     times[b].append(ms)
-            out, e_ms = _timed(emodel, x)
+            out, e_ms = _timed(run, x)
             if t == 0:
+                compile_s["eventful"] = e_ms / 1e3
                 continue  # the flush: dense for the eventful model, a warm-up (or compilation) for the baselines
             errors.append(_all_outputs_error(out, dense))
             if isinstance(dense, tuple) and len(dense) == 2:  # (tokens, logits)

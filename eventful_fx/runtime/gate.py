@@ -287,6 +287,8 @@ class TokenGate(StatefulOp):
         self._ref = torch.empty_like(x, dtype=self.state_dtype or x.dtype,
                                      memory_format=torch.contiguous_format).copy_(x.detach())
         self._pending_flush.clear()
+        if self.always:  # made here, with the state, so that incremental frames find it (no recompile)
+            self._always_idx = torch.tensor(self.always, device=x.device)
         self._score = torch.zeros(batch, num_tokens, dtype=score_dtype(x.dtype, self._ref.dtype), device=x.device)
         self.last_counts = num_tokens
         self.overhead_macs = x.numel()

@@ -31,6 +31,24 @@ if torch.ops.mkldnn._linear_pointwise not in flop_registry:
     register_flop_formula(torch.ops.mkldnn._linear_pointwise)(_linear_pointwise_flops)
 
 
+@torch.library.custom_op("eventful_fx::packed_linear", mutates_args=())
+def packed_linear(x: Tensor, packed_weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ weightᵀ + bias on oneDNN, with the weight packed once (`mkldnn._reorder_linear_weight`).
+
+    An opaque op to Dynamo and Inductor (which would otherwise insist the packed weight be a
+    graph constant): `torch.compile` of an eventful model calls it as it is.
+    """
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: Tensor, packed_weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], packed_weight.shape[0]))
+
+
+register_flop_formula(torch.ops.eventful_fx.packed_linear)(_linear_pointwise_flops)
+
+
 # (in, out, bias, dtype, threads, row bucket) -> "torch" | "onednn": the timing is per process, like cuDNN's benchmark mode
 _choices: dict[tuple, str] = {}
 
@@ -64,6 +82,8 @@ class SparseLinear(torch.nn.Module):
         self._packed_key = None
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        if torch.compiler.is_compiling():  # one opaque op for Dynamo: the choice, packing and timing stay eager
+            return kernel_linear(x, weight, bias, self.kernel)
         if self.kernel == "torch" or not _onednn_usable(x, weight):
             return F.linear(x, weight, bias)
         if self.kernel == "onednn":
@@ -82,7 +102,7 @@ class SparseLinear(torch.nn.Module):
         if self._packed_key != key:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
             self._packed_key = key
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
+        return packed_linear(x, self._packed, bias)
 
     def _time(self, x: Tensor, weight: Tensor, bias: Tensor | None, repeats: int = 5, margin: float = 0.97) -> str:
         """The kernel to keep: oneDNN only if its best time beats torch's by `margin` (noise must not flip a tie)."""
@@ -97,3 +117,25 @@ class SparseLinear(torch.nn.Module):
                     run()
                     best[name] = min(best[name], time.perf_counter() - start)
         return "onednn" if best["onednn"] < margin * best["torch"] else "torch"
+
+
+# under torch.compile: one SparseLinear per weight (by storage and shape), holding its packed copy
+_compiled: dict[tuple, SparseLinear] = {}
+
+
+@torch.library.custom_op("eventful_fx::kernel_linear", mutates_args=())
+def kernel_linear(x: Tensor, weight: Tensor, bias: Tensor | None, kernel: str) -> Tensor:
+    """`SparseLinear(kernel)(x, weight, bias)` as one op Dynamo and Inductor do not look into."""
+    key = (weight.data_ptr(), tuple(weight.shape), weight.dtype, kernel)
+    if key not in _compiled:
+        _compiled[key] = SparseLinear(kernel)
+    return _compiled[key](x, weight, bias)
+
+
+@kernel_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, kernel: str) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+register_flop_formula(torch.ops.eventful_fx.kernel_linear)(
+    lambda x_shape, weight_shape, *args, **kwargs: 2 * math.prod(x_shape[:-1]) * weight_shape[0] * weight_shape[1])
