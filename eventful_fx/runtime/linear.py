@@ -7,6 +7,11 @@ oneDNN with a weight packed once scales with the rows (2.0 ms against 25 ms); at
 is often the faster one again. Which wins depends on the shape, the row count, the thread count and the
 CPU, so `SparseLinear` times both the first time it meets a (shape, rows, threads) bucket
 and keeps the winner for the process. Results of the two kernels differ only by rounding.
+
+Under `torch.compile` the whole choice is one custom op, `eventful_fx::kernel_linear`, that
+Dynamo and Inductor call without looking inside (they cannot trace the packing, and Inductor
+insists a packed oneDNN weight be a graph constant); it keeps one `SparseLinear`, with its
+packed copy, per weight storage for the life of the process.
 """
 from __future__ import annotations
 
@@ -29,24 +34,6 @@ def _linear_pointwise_flops(x_shape, weight_shape, *args, **kwargs) -> int:
 
 if torch.ops.mkldnn._linear_pointwise not in flop_registry:
     register_flop_formula(torch.ops.mkldnn._linear_pointwise)(_linear_pointwise_flops)
-
-
-@torch.library.custom_op("eventful_fx::packed_linear", mutates_args=())
-def packed_linear(x: Tensor, packed_weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x @ weightᵀ + bias on oneDNN, with the weight packed once (`mkldnn._reorder_linear_weight`).
-
-    An opaque op to Dynamo and Inductor (which would otherwise insist the packed weight be a
-    graph constant): `torch.compile` of an eventful model calls it as it is.
-    """
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
-
-
-@packed_linear.register_fake
-def _(x: Tensor, packed_weight: Tensor, bias: Tensor | None) -> Tensor:
-    return x.new_empty((*x.shape[:-1], packed_weight.shape[0]))
-
-
-register_flop_formula(torch.ops.eventful_fx.packed_linear)(_linear_pointwise_flops)
 
 
 # (in, out, bias, dtype, threads, row bucket) -> "torch" | "onednn": the timing is per process, like cuDNN's benchmark mode
@@ -102,7 +89,7 @@ class SparseLinear(torch.nn.Module):
         if self._packed_key != key:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
             self._packed_key = key
-        return packed_linear(x, self._packed, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
 
     def _time(self, x: Tensor, weight: Tensor, bias: Tensor | None, repeats: int = 5, margin: float = 0.97) -> str:
         """The kernel to keep: oneDNN only if its best time beats torch's by `margin` (noise must not flip a tie)."""
@@ -137,5 +124,4 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None, kernel: str) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-register_flop_formula(torch.ops.eventful_fx.kernel_linear)(
-    lambda x_shape, weight_shape, *args, **kwargs: 2 * math.prod(x_shape[:-1]) * weight_shape[0] * weight_shape[1])
+register_flop_formula(torch.ops.eventful_fx.kernel_linear)(_linear_pointwise_flops)
