@@ -127,6 +127,7 @@ def _add_run(p: argparse.ArgumentParser, budgets: str = "0.25") -> None:
     p.add_argument("--baselines", default="eager,packed,inductor",
                    help="dense models to time, the speedup is against the fastest: eager, packed (linears on the "
                         "packed oneDNN kernel), inductor (torch.compile); eager is always run")
+    p.add_argument("--device", default="cpu", help="where to run: cpu, cuda, cuda:1, ...")
     p.add_argument("--inductor", action="store_true",
                    help="run the eventful model under torch.compile (Inductor): faster frames, a compile first")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
@@ -153,6 +154,14 @@ def _check_run_args(args) -> list[float]:
         raise ValueError(f"--video: no such file: {args.video}")
     from .baselines import BASELINES
 
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device: {args.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {args.device} asked for, but this machine has no usable CUDA device")
     unknown = [b for b in str(args.baselines).split(",") if b not in BASELINES]
     if unknown:
         raise ValueError(f"--baselines: unknown {unknown}; choose from {','.join(BASELINES)}")
@@ -190,7 +199,8 @@ def _run(args) -> int:
         return 2
     print(f"{args.model} on {path} ({len(frames)} frames of {size}x{size}), policy {args.policy}, "
           f"attention {args.attention}")
-    model = tokens_and_logits(model)  # a timm ViT: fidelity on every output token as well as on the logits
+    model = tokens_and_logits(model).to(args.device)  # a timm ViT: fidelity on every output token and the logits
+    frames = frames.to(args.device)
     baselines = dense_baselines(model, args.baselines.split(","))  # built once: Inductor compiles once
     rows = [measure(model, frames, b, name=args.model, policy=args.policy, threshold=args.threshold,
                     attention=args.attention, baselines=baselines, inductor=args.inductor) for b in budgets]

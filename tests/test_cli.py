@@ -19,6 +19,7 @@ from eventful_fx.cli import main
     (["run", "--video", "/no/such/clip.mp4"], "--video"),
     (["run", "--model", "vit_no_such_model"], "unknown model"),
     (["run", "--baselines", "eager,tensorrt"], "--baselines"),
+    (["run", "--device", "gpu0"], "--device"),
     (["analyze", "os:getcwd"], "not a torch.nn.Module"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, says, capsys, tmp_path, monkeypatch):

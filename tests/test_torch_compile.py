@@ -33,3 +33,12 @@ def test_compiled_eventful_model_matches_eager_without_breaks_or_recompiles(fram
                 assert rel_err(compiled(frame[None]), eager(frame[None])) <= 1e-4
     finally:
         torch._dynamo.config.error_on_recompile = False
+    # FlopCounterMode sees the compiled graph's products, the oneDNN custom op included
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as eventful_flops:
+            compiled(clip[4:5])
+        with FlopCounterMode(display=False) as dense_flops:
+            model(clip[4:5])
+    fraction = eventful_flops.get_total_flops() / dense_flops.get_total_flops()
+    assert 0.2 <= fraction <= compiled._orig_mod.stats.fraction + 0.01, fraction
