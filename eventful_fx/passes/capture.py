@@ -18,6 +18,7 @@ import warnings
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.fx.passes.shape_prop import ShapeProp
 
 
@@ -44,7 +45,13 @@ def capture(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict 
             with torch.no_grad():
                 try:
                     with _quiet(), _fake_data_ptr():
-                        return torch.export.export(model, tuple(example_inputs), kwargs, strict=False).module()
+                        try:
+                            return torch.export.export(model, tuple(example_inputs), kwargs, strict=False).module()
+                        except GuardOnDataDependentSymNode:
+                            # a value read from a tensor (`.item()`) in an assert or a branch: trace with real
+                            # values, keeping the example's path and the checks as runtime asserts in the graph
+                            return torch.export.draft_export(model, tuple(example_inputs), kwargs,
+                                                             strict=False).module()
                 except Exception as export_error:  # noqa: BLE001 - any failure sends us to the fallback
                     _check_model_runs(model, example_inputs, kwargs)
                     try:
@@ -112,6 +119,8 @@ def _hint(error: BaseException) -> str:
     if "data-dependent" in text or "data dependent" in text:
         return (" (a value read from a tensor, e.g. `.item()`, decides control flow or an assert: move the check "
                 "out of forward, or write it as torch._check(...))")
+    if ".numpy()" in text or "__array" in text:
+        return " (forward reads tensor values into numpy: compute that step with torch ops)"
     return ""
 
 

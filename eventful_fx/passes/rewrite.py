@@ -99,6 +99,11 @@ _DIM_POSITION = {"unbind": 1, "select": 1, "slice": 1, "narrow": 1, "split": 2, 
                  "mean": 1, "sum": 1, "amax": 1, "amin": 1, "var": 1, "std": 1, "norm": 2, "linalg_vector_norm": 2}
 
 
+# the model's own checks on values (an `assert x.max().item() < ...` traced as a runtime assert): kept, on the
+# eventful values, so a frame the dense model would refuse is refused here too
+_USER_CHECKS = ("_assert_scalar", "_assert_async")
+
+
 class EventfulRewrite:
     """The pass: `call(gm)` returns the eventful GraphModule; its modules hold all state."""
 
@@ -157,8 +162,9 @@ class EventfulRewrite:
         if node.op in ("placeholder", "get_attr"):
             self.env[node] = self.graph.node_copy(node)
             return
-        if not node.users and (op_kind(node) == ops.NOOP or node.op == "call_module"):
-            return  # asserts and export's input guard: the eventful module checks its inputs itself
+        if not node.users and (op_kind(node) == ops.NOOP or node.op == "call_module") and \
+                op_name(node) not in _USER_CHECKS:
+            return  # export's input guards and metadata asserts: the eventful module checks its inputs itself
         if node.op == "output":
             outputs = fx.node.map_arg(node.args[0], lambda n: self.graph.call_method("clone", (self.full(n),))
                                       if isinstance(tensor_shape(n), tuple) else self.full(n))
