@@ -209,6 +209,10 @@ class EventfulModule(torch.nn.Module):
             except BaseException as error:
                 self.reset()  # some ops may have moved on and others not: the next frame starts clean
                 if hasattr(error, "add_note"):
+                    if "Runtime assertion failed" in str(error):
+                        error.add_note("eventful_fx: a check the capture kept failed: an assert of the model's on "
+                                       "a value read from a tensor, or a branch on one (the graph follows the path "
+                                       "the first frame took; this input takes another)")
                     error.add_note("eventful_fx: every stream was reset; the next frame is a dense flush")
                 raise
         self._frames_since_flush += 1

@@ -33,6 +33,15 @@ class ItemAssertViT(TinyViT):
         return self.head(self.norm(y)[:, 0])
 
 
+class BranchViT(TinyViT):
+    def forward(self, x):
+        y = self.stem(x)
+        y = y * 2 if y.mean().item() > 0 else y - 1
+        for block in self.blocks:
+            y = block(y)
+        return self.head(self.norm(y)[:, 0])
+
+
 class NumpyViT(TinyViT):
     def forward(self, x):
         y = self.stem(x)
@@ -67,9 +76,23 @@ def test_item_assert_converts_and_still_checks():
     assert_matches_dense(emodel, model, clip[3:], tol=1e-5)
 
 
+def test_branch_on_a_tensor_value_follows_the_first_frame_and_refuses_the_other_path():
+    torch.manual_seed(0)
+    model = BranchViT().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        path = bool(model.stem(x).mean() > 0)
+        other = next(c for c in (x - 5, x + 5) if bool(model.stem(c).mean() > 0) != path)  # takes the other path
+    emodel = eventful_fx.compile(model, budget=1.0)
+    assert_matches_dense(emodel, model, x, tol=1e-5)
+    with pytest.raises(RuntimeError) as error:
+        emodel(other)  # never the first path's answer for an input that takes the other
+    assert "takes another" in "\n".join(getattr(error.value, "__notes__", []))
+
+
 def test_failed_capture_names_the_line_and_what_to_change():
     with pytest.raises(CaptureError) as error:
         eventful_fx.analyze(NumpyViT().eval(), torch.randn(1, 3, 64, 64))
     message = str(error.value)
-    assert "test_capture.py:39" in message and "np.abs(y.detach().numpy())" in message
+    assert "test_capture.py:48" in message and "np.abs(y.detach().numpy())" in message
     assert "torch ops" in message and len(message) < 1000
