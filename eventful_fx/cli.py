@@ -130,7 +130,8 @@ def _add_run(p: argparse.ArgumentParser, budgets: str = "0.25") -> None:
     p.add_argument("--device", default="cpu", help="where to run: cpu, cuda, cuda:1, ...")
     p.add_argument("--inductor", action="store_true",
                    help="run the eventful model under torch.compile (Inductor): faster frames, a compile first")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the results as JSON: per budget a summary and one record per frame")
 
 
 def _check_run_args(args) -> list[float]:

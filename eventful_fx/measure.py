@@ -45,6 +45,7 @@ class Measurement:
     baseline_ms: dict[str, float] = field(default_factory=dict)  # median per incremental frame, each baseline
     baselines_skipped: dict[str, str] = field(default_factory=dict)  # baselines left out, and why
     compile_s: dict[str, float] = field(default_factory=dict)    # first call of each (Inductor: its compilation)
+    records: list[dict] = field(default_factory=list)  # per incremental frame: times, MACs, tokens per gate, errors
 
     @property
     def speedup(self) -> float:
@@ -110,12 +111,13 @@ def measure(model: torch.nn.Module, frames: torch.Tensor, budget: float, *, name
     run = torch.compile(emodel) if inductor else emodel
     times: dict[str, list[float]] = {b: [] for b in dense_fns}
     compile_s: dict[str, float] = {}
-    eventful_ms, fractions, errors, token_errors, logit_errors, agree = [], [], [], [], [], []
+    eventful_ms, fractions, errors, token_errors, logit_errors, agree, records = [], [], [], [], [], [], []
     with torch.no_grad():
         for t, frame in enumerate(tqdm(frames, desc=f"{name or 'model'} @ budget {budget}", disable=not progress,
                                        leave=False)):
             x = frame[None]
             dense, eager_ms = _timed(model, x)
+            frame_ms = {}
             for b, fn in list(dense_fns.items()):
                 try:
                     ms = eager_ms if b == "eager" else _timed(fn, x)[1]
@@ -127,15 +129,22 @@ def measure(model: torch.nn.Module, frames: torch.Tensor, budget: float, *, name
                     compile_s[b] = ms / 1e3
                 else:
                     times[b].append(ms)
+                    frame_ms[b] = ms
             out, e_ms = _timed(run, x)
             if t == 0:
                 compile_s["eventful"] = e_ms / 1e3
                 continue  # the flush: dense for the eventful model, a warm-up (or compilation) for the baselines
             errors.append(_all_outputs_error(out, dense))
+            record = {"frame": t, "eventful_ms": e_ms, "dense_ms": frame_ms, "mac_fraction": emodel.stats.fraction,
+                      "tokens_per_gate": dict(emodel.stats.tokens), "error": errors[-1]}
             if isinstance(dense, tuple) and len(dense) == 2:  # (tokens, logits)
                 token_errors.append(_rel(out[0], dense[0]))
                 logit_errors.append(_rel(out[1], dense[1]))
-                agree.append(float(bool((out[1].argmax(-1) == dense[1].argmax(-1)).all())))
+                labels = dense[1].argmax(-1).flatten().tolist(), out[1].argmax(-1).flatten().tolist()
+                agree.append(float(labels[0] == labels[1]))
+                record.update(token_error=token_errors[-1], logit_error=logit_errors[-1], top1_dense=labels[0],
+                              top1_eventful=labels[1], top1_agrees=labels[0] == labels[1])
+            records.append(record)
             eventful_ms.append(e_ms)
             fractions.append(emodel.stats.fraction)
     baseline_ms = {b: statistics.median(v) for b, v in times.items()}
@@ -150,7 +159,7 @@ def measure(model: torch.nn.Module, frames: torch.Tensor, budget: float, *, name
         frame_speedups=[d / e for d, e in zip(times[fastest], eventful_ms)],
         token_error=mean(token_errors), logit_error=mean(logit_errors), top1_agreement=mean(agree),
         frame_errors=errors, baseline=fastest, baseline_ms=baseline_ms, baselines_skipped=skipped,
-        compile_s=compile_s,
+        compile_s=compile_s, records=records,
     )
 
 

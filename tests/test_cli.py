@@ -37,3 +37,8 @@ def test_run_at_another_size_writes_json(capsys, tmp_path):
     assert "3 frames of 160x160" in capsys.readouterr().out
     (row,) = json.loads(out.read_text())
     assert row["budget"] == 0.5 and row["mac_fraction"] < 0.55
+    records = row["records"]  # one per incremental frame
+    assert [r["frame"] for r in records] == [1, 2] and set(records[0]["dense_ms"]) == {"eager", "packed"}
+    assert all(0 < r["mac_fraction"] < 0.55 and r["tokens_per_gate"] and r["eventful_ms"] > 0 for r in records)
+    assert all(r["top1_agrees"] == (r["top1_dense"] == r["top1_eventful"]) for r in records)
+    assert abs(sum(r["error"] for r in records) / 2 - row["rel_error"]) <= 1e-12
