@@ -130,6 +130,8 @@ def _add_run(p: argparse.ArgumentParser, budgets: str = "0.25") -> None:
     p.add_argument("--device", default="cpu", help="where to run: cpu, cuda, cuda:1, ...")
     p.add_argument("--inductor", action="store_true",
                    help="run the eventful model under torch.compile (Inductor): faster frames, a compile first")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="also draw a PNG: per frame (run) or against the budget (bench); needs eventful_fx[viz]")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the results as JSON: per budget a summary and one record per frame")
 
@@ -166,11 +168,16 @@ def _check_run_args(args) -> list[float]:
     unknown = [b for b in str(args.baselines).split(",") if b not in BASELINES]
     if unknown:
         raise ValueError(f"--baselines: unknown {unknown}; choose from {','.join(BASELINES)}")
-    if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK) or (
-                os.path.exists(args.json) and not os.access(args.json, os.W_OK)):
-            raise ValueError(f"--json: cannot write {args.json}")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            folder = os.path.dirname(os.path.abspath(path))
+            if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK) or (
+                    os.path.exists(path) and not os.access(path, os.W_OK)):
+                raise ValueError(f"{flag}: cannot write {path}")
+    if args.plot:
+        from .plots import require_matplotlib
+
+        require_matplotlib()
     return budgets
 
 
@@ -216,6 +223,10 @@ def _run(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.as_dict() for r in rows], f, indent=2)
+    if args.plot:
+        from .plots import plot_budgets, plot_frames
+
+        (plot_budgets if args.command == "bench" else plot_frames)(rows, args.plot)
     return 0
 
 

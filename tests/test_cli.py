@@ -20,6 +20,7 @@ from eventful_fx.cli import main
     (["run", "--model", "vit_no_such_model"], "unknown model"),
     (["run", "--baselines", "eager,tensorrt"], "--baselines"),
     (["run", "--device", "gpu0"], "--device"),
+    (["run", "--plot", "/no/such/folder/p.png"], "--plot"),
     (["analyze", "os:getcwd"], "not a torch.nn.Module"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, says, capsys, tmp_path, monkeypatch):
@@ -42,3 +43,14 @@ def test_run_at_another_size_writes_json(capsys, tmp_path):
     assert all(0 < r["mac_fraction"] < 0.55 and r["tokens_per_gate"] and r["eventful_ms"] > 0 for r in records)
     assert all(r["top1_agrees"] == (r["top1_dense"] == r["top1_eventful"]) for r in records)
     assert abs(sum(r["error"] for r in records) / 2 - row["rel_error"]) <= 1e-12
+
+
+@pytest.mark.parametrize("command", ["run", "bench"])
+def test_plot_writes_a_png(command, tmp_path):
+    from matplotlib.image import imread
+
+    out = tmp_path / "plot.png"
+    assert main([command, "--model", "vit_tiny_patch16_224", "--size", "96", "--frames", "3", "--budget", "0.5,0.25",
+                 "--baselines", "eager", "--plot", str(out)]) == 0
+    image = imread(out)
+    assert image.shape[:2] == ((800, 700) if command == "run" else (400, 1000)) and image.std() > 0
