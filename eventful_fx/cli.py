@@ -120,6 +120,8 @@ def _add_run(p: argparse.ArgumentParser, budgets: str = "0.25") -> None:
     p.add_argument("--video", default=None, help="a video file (default: the built-in clip)")
     p.add_argument("--frames", type=int, default=None, help="use at most this many frames")
     p.add_argument("--size", type=int, default=None, help="frame size (default: the model's input size)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="trained weights: a .safetensors file or a state_dict (read with weights_only=True)")
     p.add_argument("--budget", default=budgets, help="fraction of dense MACs per frame; comma-separated for several")
     p.add_argument("--policy", choices=("topk", "threshold"), default="topk")
     p.add_argument("--threshold", type=float, default=0.1, help="token change threshold of the threshold policy")
@@ -189,19 +191,21 @@ def _run(args) -> int:
     from . import video
     from .baselines import dense_baselines
     from .measure import format_table, measure
-    from .zoo import tokens_and_logits
+    from .zoo import load_checkpoint, preprocessing, tokens_and_logits
 
     torch.manual_seed(0)  # untrained weights: the same ones on every run
     try:
         budgets = _check_run_args(args)
         model = load_model(args.model, (args.size, args.size) if args.size else None)
+        if args.checkpoint:
+            load_checkpoint(model, args.checkpoint)
     except (ModelSpecError, ValueError) as e:
         print(f"eventful-fx {args.command}: {e}", file=sys.stderr)
         return 2
     size = args.size or default_input_size(model)[0]
     path = args.video or video.builtin_clip_path()
     try:
-        frames = video.read_frames(path, size=size, max_frames=args.frames)
+        frames = video.read_frames(path, size=size, max_frames=args.frames, **preprocessing(model))
     except (OSError, ValueError) as e:
         print(f"eventful-fx {args.command}: {e}", file=sys.stderr)
         return 2

@@ -61,3 +61,45 @@ def tokens_and_logits(model: torch.nn.Module) -> torch.nn.Module:
         except TypeError:
             pass
     return model
+
+
+def load_checkpoint(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """Load trained weights from a local file into `model`, never running code from the file.
+
+    `.safetensors` files are read with safetensors; anything else with
+    `torch.load(weights_only=True)` (a state_dict, or a training checkpoint holding one under
+    "state_dict", "model" or "module"). A file that does not fit raises ValueError in one line.
+    """
+    import os
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--checkpoint: no such file: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickles with code, truncated files, other formats: one line each
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--checkpoint: cannot read {path} as weights only ({first[:200]})") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--checkpoint: {path} holds no state_dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DistributedDataParallel
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise ValueError(f"--checkpoint: {path} does not fit {type(model).__name__}: "
+                         f"{lines[0][:300] if lines else str(e)[:300]}") from None
+    return model
+
+
+def preprocessing(model: torch.nn.Module) -> dict:
+    """The mean and std the model was trained with (timm's `pretrained_cfg`), for `video.read_frames`."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {k: tuple(cfg[k]) for k in ("mean", "std") if k in cfg}
