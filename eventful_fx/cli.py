@@ -16,13 +16,51 @@ class ModelSpecError(ValueError):
     """A model spec that names no model."""
 
 
-def load_model(spec: str, input_size: tuple[int, int] | None = None):
-    """An eval-mode model, untrained weights, from a spec.
+def load_model(spec: str, input_size: tuple[int, int] | None = None, checkpoint: str | None = None):
+    """An eval-mode model, untrained weights unless a checkpoint is given, from a spec.
 
     - `vit_tiny_patch16_224`: a timm model name (`img_size=input_size` when given);
     - `torchvision:vit_b_16`: `torchvision.models.vit_b_16(weights=None)` (`image_size` when given and square);
+    - `hf:ViTForImageClassification`: a `transformers` class, from its default config, or from a local
+      checkpoint directory (`checkpoint`: config.json and weights, read as weights only);
     - `package.module:factory`: `factory()`.
+    `checkpoint` (a file): trained weights loaded into the model (`zoo.load_checkpoint`).
     """
+    from .zoo import load_checkpoint
+
+    if spec.startswith("hf:"):
+        return _hf_model(spec[3:], input_size, checkpoint).eval()
+    model = _build_model(spec, input_size)
+    return load_checkpoint(model, checkpoint).eval() if checkpoint else model
+
+
+def _hf_model(name: str, input_size, checkpoint: str | None):
+    try:
+        import transformers
+    except ImportError:
+        raise ModelSpecError("hf: models need transformers: pip install 'eventful_fx[hf]'") from None
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ModelSpecError(f"unknown transformers model {name!r} (e.g. hf:ViTModel, hf:ViTForImageClassification, "
+                             "hf:Dinov2Model)")
+    if checkpoint and os.path.isdir(checkpoint):
+        try:
+            return cls.from_pretrained(checkpoint, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--checkpoint: cannot load {name} from {checkpoint}: {str(e).splitlines()[0][:300]}") \
+                from None
+    config = cls.config_class()
+    if input_size:
+        config.image_size = input_size[0]
+    model = cls(config)
+    if checkpoint:
+        from .zoo import load_checkpoint
+
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+def _build_model(spec: str, input_size):
     if ":" in spec:
         prefix, name = spec.split(":", 1)
         if prefix == "torchvision":
@@ -63,7 +101,11 @@ def _torchvision_model(name: str, input_size):
 
 
 def default_input_size(model) -> tuple[int, int]:
-    """The (H, W) a model was built for: timm's pretrained_cfg, torchvision's image_size, an img_size, else 224."""
+    """The (H, W) a model was built for: timm's pretrained_cfg, torchvision's image_size, an img_size, a
+    transformers config's image_size, else 224."""
+    hf_size = getattr(getattr(model, "config", None), "image_size", None)
+    if isinstance(hf_size, int):
+        return hf_size, hf_size
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     if "input_size" in cfg:
         return tuple(cfg["input_size"][-2:])
@@ -83,7 +125,7 @@ def default_input_size(model) -> tuple[int, int]:
 # -- analyze ------------------------------------------------------------------------------
 
 def _add_analyze(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="timm name, torchvision:NAME or package.module:factory")
+    p.add_argument("model", help="timm name, torchvision:NAME, hf:CLASS or package.module:factory")
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="input height and width")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -116,12 +158,14 @@ def _analyze(args) -> int:
 # -- run / bench --------------------------------------------------------------------------
 
 def _add_run(p: argparse.ArgumentParser, budgets: str = "0.25") -> None:
-    p.add_argument("--model", default="vit_base_patch16_224", help="timm name, torchvision:NAME or package.module:factory")
+    p.add_argument("--model", default="vit_base_patch16_224",
+                   help="timm name, torchvision:NAME, hf:CLASS or package.module:factory")
     p.add_argument("--video", default=None, help="a video file (default: the built-in clip)")
     p.add_argument("--frames", type=int, default=None, help="use at most this many frames")
     p.add_argument("--size", type=int, default=None, help="frame size (default: the model's input size)")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="trained weights: a .safetensors file or a state_dict (read with weights_only=True)")
+                   help="trained weights: a .safetensors file or a state_dict (read with weights_only=True), "
+                        "or a transformers checkpoint directory for hf: models")
     p.add_argument("--budget", default=budgets, help="fraction of dense MACs per frame; comma-separated for several")
     p.add_argument("--policy", choices=("topk", "threshold"), default="topk")
     p.add_argument("--threshold", type=float, default=0.1, help="token change threshold of the threshold policy")
@@ -191,21 +235,20 @@ def _run(args) -> int:
     from . import video
     from .baselines import dense_baselines
     from .measure import format_table, measure
-    from .zoo import load_checkpoint, preprocessing, tokens_and_logits
+    from .zoo import preprocessing, tokens_and_logits
 
     torch.manual_seed(0)  # untrained weights: the same ones on every run
     try:
         budgets = _check_run_args(args)
-        model = load_model(args.model, (args.size, args.size) if args.size else None)
-        if args.checkpoint:
-            load_checkpoint(model, args.checkpoint)
+        model = load_model(args.model, (args.size, args.size) if args.size else None, args.checkpoint)
     except (ModelSpecError, ValueError) as e:
         print(f"eventful-fx {args.command}: {e}", file=sys.stderr)
         return 2
     size = args.size or default_input_size(model)[0]
     path = args.video or video.builtin_clip_path()
     try:
-        frames = video.read_frames(path, size=size, max_frames=args.frames, **preprocessing(model))
+        frames = video.read_frames(path, size=size, max_frames=args.frames,
+                                   **preprocessing(model, args.checkpoint))
     except (OSError, ValueError) as e:
         print(f"eventful-fx {args.command}: {e}", file=sys.stderr)
         return 2

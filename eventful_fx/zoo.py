@@ -52,10 +52,26 @@ class FeaturesAndHead(torch.nn.Module):
         return features, self.model.forward_head(features)
 
 
+class HFTokensAndLogits(torch.nn.Module):
+    """A Hugging Face `transformers` vision model seen as timm's are: the tokens after its last layer (before
+    the final norm) and, for an image classifier, its logits."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        if not type(model).__module__.startswith("transformers.") or not hasattr(model, "config"):
+            raise TypeError(f"HFTokensAndLogits needs a transformers model; got {type(model).__name__}")
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        out = self.model(pixel_values=x, output_hidden_states=True)
+        logits = getattr(out, "logits", None)
+        return out.hidden_states[-1] if logits is None else (out.hidden_states[-1], logits)
+
+
 def tokens_and_logits(model: torch.nn.Module) -> torch.nn.Module:
     """`TokensAndLogits(model)` for a timm VisionTransformer, `FeaturesAndHead` for another timm model
-    (SAM, ViTDet), else the model itself."""
-    for view in (TokensAndLogits, FeaturesAndHead):
+    (SAM, ViTDet), `HFTokensAndLogits` for a transformers model, else the model itself."""
+    for view in (TokensAndLogits, FeaturesAndHead, HFTokensAndLogits):
         try:
             return view(model).eval()
         except TypeError:
@@ -99,7 +115,16 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> torch.nn.Module:
     return model
 
 
-def preprocessing(model: torch.nn.Module) -> dict:
-    """The mean and std the model was trained with (timm's `pretrained_cfg`), for `video.read_frames`."""
+def preprocessing(model: torch.nn.Module, checkpoint: str | None = None) -> dict:
+    """The mean and std the model was trained with, for `video.read_frames`: timm's `pretrained_cfg`, or a
+    transformers checkpoint directory's image-processor config (`preprocessor_config.json`)."""
+    import json
+    import os
+
+    config = os.path.join(checkpoint, "preprocessor_config.json") if checkpoint else None
+    if config and os.path.isfile(config):
+        with open(config) as f:
+            cfg = json.load(f)
+        return {k: tuple(cfg[key]) for k, key in (("mean", "image_mean"), ("std", "image_std")) if key in cfg}
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return {k: tuple(cfg[k]) for k in ("mean", "std") if k in cfg}
