@@ -176,6 +176,9 @@ def _add_run(p: argparse.ArgumentParser, budgets: str = "0.25") -> None:
     p.add_argument("--device", default="cpu", help="where to run: cpu, cuda, cuda:1, ...")
     p.add_argument("--inductor", action="store_true",
                    help="run the eventful model under torch.compile (Inductor): faster frames, a compile first")
+    p.add_argument("--heatmap", default=None, metavar="PATH",
+                   help="also write a video (.mp4 or .gif) of the tokens three gates recomputed, and of each "
+                        "output token's error, at the first budget")
     p.add_argument("--plot", default=None, metavar="PATH",
                    help="also draw a PNG: per frame (run) or against the budget (bench); needs eventful_fx[viz]")
     p.add_argument("--json", default=None, metavar="PATH",
@@ -214,7 +217,9 @@ def _check_run_args(args) -> list[float]:
     unknown = [b for b in str(args.baselines).split(",") if b not in BASELINES]
     if unknown:
         raise ValueError(f"--baselines: unknown {unknown}; choose from {','.join(BASELINES)}")
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+    if args.heatmap and not args.heatmap.endswith((".mp4", ".gif")):
+        raise ValueError(f"--heatmap: {args.heatmap}: write .mp4 or .gif")
+    for flag, path in (("--json", args.json), ("--plot", args.plot), ("--heatmap", args.heatmap)):
         if path:
             folder = os.path.dirname(os.path.abspath(path))
             if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK) or (
@@ -247,8 +252,8 @@ def _run(args) -> int:
     size = args.size or default_input_size(model)[0]
     path = args.video or video.builtin_clip_path()
     try:
-        frames = video.read_frames(path, size=size, max_frames=args.frames,
-                                   **preprocessing(model, args.checkpoint))
+        prep = preprocessing(model, args.checkpoint)
+        frames = video.read_frames(path, size=size, max_frames=args.frames, **prep)
     except (OSError, ValueError) as e:
         print(f"eventful-fx {args.command}: {e}", file=sys.stderr)
         return 2
@@ -270,6 +275,14 @@ def _run(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.as_dict() for r in rows], f, indent=2)
+    if args.heatmap:
+        from .api import compile as eventful_compile
+        from .viz import write_heatmap
+
+        emodel = eventful_compile(model, budget=budgets[0], policy=args.policy, threshold=args.threshold,
+                                  attention=args.attention)
+        write_heatmap(emodel, frames, args.heatmap, dense_model=model, **prep)
+        print(f"wrote {args.heatmap}")
     if args.plot:
         from .plots import plot_budgets, plot_frames
 

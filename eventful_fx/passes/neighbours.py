@@ -36,22 +36,37 @@ def patch_grid(gm: fx.GraphModule, infos: dict[fx.Node, NodeInfo]) -> tuple[int,
     return grids.pop() if len(grids) == 1 else None
 
 
-def neighbour_table(order: torch.Tensor, grid: tuple[int, ...], radius: int = MATCH_RADIUS) -> torch.Tensor | None:
-    """[N, M] positions along a token run: row p lists p itself, then the tokens within `radius` of it on the grid.
+def grid_index(order: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor | None:
+    """[N] flat index on the patch grid of each position along a token run (-1: class, register, padding token).
 
-    `order` holds the token ids along the run. Class, register and padding tokens (ids >=
-    _EXTRA) have no neighbours. Patch tokens keep their grid order through concatenation
-    and padding (which renumber ids by position), so the patch token of rank r among the
-    run's ids sits at flat index r of the grid; a run with another count of patch tokens
-    than the grid has gets no table (None). A missing neighbour repeats p.
+    Patch tokens keep their grid order through concatenation and padding (which renumber ids
+    by position), so the patch token of rank r among the run's ids sits at flat index r of the
+    grid; a run with another count of patch tokens than the grid has gives None.
     """
     ids = order.reshape(-1)
     patches = torch.nonzero(ids < _EXTRA).flatten()
     if len(patches) != math.prod(grid):
         return None
-    position = patches[torch.argsort(ids[patches], stable=True)].tolist()  # grid flat index -> run position
+    index = torch.full((len(ids),), -1, dtype=torch.long)
+    index[patches[torch.argsort(ids[patches], stable=True)]] = torch.arange(len(patches))
+    return index
+
+
+def neighbour_table(order: torch.Tensor, grid: tuple[int, ...], radius: int = MATCH_RADIUS) -> torch.Tensor | None:
+    """[N, M] positions along a token run: row p lists p itself, then the tokens within `radius` of it on the grid.
+
+    Class, register and padding tokens have no neighbours; a missing neighbour repeats p;
+    None where the run's patch tokens do not fill the grid (`grid_index`).
+    """
+    index = grid_index(order, grid)
+    if index is None:
+        return None
+    position = torch.empty(math.prod(grid), dtype=torch.long)
+    patches = torch.nonzero(index >= 0).flatten()
+    position[index[patches]] = patches
+    position = position.tolist()  # grid flat index -> run position
     offsets = [o for o in itertools.product(range(-radius, radius + 1), repeat=len(grid)) if any(o)]
-    table = torch.arange(len(ids)).unsqueeze(1).repeat(1, len(offsets) + 1)
+    table = torch.arange(len(index)).unsqueeze(1).repeat(1, len(offsets) + 1)
     for flat, p in enumerate(position):
         coords = [(flat // math.prod(grid[d + 1:])) % grid[d] for d in range(len(grid))]
         for m, offset in enumerate(offsets, 1):
@@ -63,11 +78,14 @@ def neighbour_table(order: torch.Tensor, grid: tuple[int, ...], radius: int = MA
 
 def attach_neighbours(gm: fx.GraphModule, infos: dict[fx.Node, NodeInfo], regions: list[Region],
                       sites: list[AttentionSite], attention: str, radius: int = MATCH_RADIUS) -> None:
-    """Give each region whose results depend on its tokens' own values alone a neighbour table (`region.neighbours`)."""
-    grid = patch_grid(gm, infos) if radius > 0 else None
+    """Give each region its tokens' places on the patch grid (`region.grid_index`, for pictures) and, with a
+    radius > 0, where its results depend on its tokens' own values alone, a neighbour table (`region.neighbours`)."""
+    grid = patch_grid(gm, infos)
     for region in regions:
         region.neighbours = None
-        if grid is None:
+        region.grid = grid
+        region.grid_index = grid_index(infos[region.root].layout.order, grid) if grid else None
+        if region.grid_index is None or radius <= 0:
             continue
         members = set(region.nodes) | {region.root}
         if any(infos[n].per_token_args for n in region.nodes):

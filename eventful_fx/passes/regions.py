@@ -24,6 +24,8 @@ class Region:
     root: fx.Node
     nodes: list[fx.Node] = field(default_factory=list)
     neighbours: torch.Tensor | None = None  # [N, M] candidate positions for neighbour reuse (`neighbours.py`)
+    grid: tuple[int, ...] | None = None     # the patch grid, and each root token's flat index on it (-1: none)
+    grid_index: torch.Tensor | None = None
 
     @property
     def name(self) -> str:

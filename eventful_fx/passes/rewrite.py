@@ -200,6 +200,7 @@ class EventfulRewrite:
         self.modules[name] = RegionGate(self.plan.gates[name], shape, layout.dims[0], layout.dims[-1] + 1,
                                         self.batch, always=layout.extra, state_dtype=self.state_dtype,
                                         neighbours=region.neighbours)
+        self.modules[name].grid, self.modules[name].grid_index = region.grid, region.grid_index
         # a root restored by a buffer differs from the last frame only at the tokens written into it
         # (unless its gate moves rows: then anywhere)
         changed = self.sparse[root][1] if root in self.sparse and self.sparse[root][1] not in self.moves_of_idx \

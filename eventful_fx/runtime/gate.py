@@ -134,6 +134,7 @@ class TokenGate(StatefulOp):
         self.policy = policy
         self.neighbours = neighbours
         self.moves: tuple[Tensor, Tensor] | None = None  # the last call's reference moves
+        self.last_idx: Tensor | None = None  # the tokens the last call selected, [B, k] (for pictures)
         self.state_dtype = state_dtype
         # tokens updated on every frame whatever their score: class and register tokens summarise
         # the whole image, so their small per-frame changes matter more than their size says
@@ -236,6 +237,7 @@ class TokenGate(StatefulOp):
             distance[:, 0] = torch.where(counts == 0, kept, distance[:, 0])
 
         self.overhead_macs = self._scoring_macs(batch, num_tokens, channels) + 2 * batch * k_call * channels
+        self.last_idx = idx
         return idx, selected.view(batch, k_call, *x.shape[2:])
 
     def _scoring_macs(self, batch: int, num_tokens: int, channels: int) -> int:
@@ -292,7 +294,7 @@ class TokenGate(StatefulOp):
         self._score = torch.zeros(batch, num_tokens, dtype=score_dtype(x.dtype, self._ref.dtype), device=x.device)
         self.last_counts = num_tokens
         self.overhead_macs = x.numel()
-        idx = torch.arange(num_tokens, device=x.device).expand(batch, num_tokens)
+        idx = self.last_idx = torch.arange(num_tokens, device=x.device).expand(batch, num_tokens)
         return idx, x
 
     def _distance(self, x: Tensor, ref: Tensor, changed: Tensor | None) -> Tensor:
@@ -330,5 +332,5 @@ class TokenGate(StatefulOp):
         batch, num_tokens = x.shape[:2]
         self.last_counts = 0
         self.overhead_macs = self._scoring_macs(batch, num_tokens, math.prod(x.shape[2:]))
-        idx = torch.empty(batch, 0, dtype=torch.long, device=x.device)
+        idx = self.last_idx = torch.empty(batch, 0, dtype=torch.long, device=x.device)
         return idx, x.new_empty(batch, 0, *x.shape[2:])
