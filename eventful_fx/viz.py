@@ -74,12 +74,15 @@ def _error_panel(errors: np.ndarray, scale: float, height: int, width: int) -> n
 
 
 def _token_errors(out, dense, grid: tuple[int, ...]) -> np.ndarray | None:
-    """Per grid token of stream 0: ||eventful - dense|| / ||dense|| over its channels (tokens [B, N, C] outputs)."""
+    """Per grid token of stream 0: ||eventful - dense|| / ||dense|| over its channels, for outputs of tokens
+    [B, N, C] (class / register tokens first) or of a feature map [B, C, H, W] on the token grid."""
     out, dense = (o[0] if isinstance(o, (tuple, list)) else o for o in (out, dense))
     cells = int(np.prod(grid[-2:]))
+    if isinstance(out, torch.Tensor) and out.ndim == 4 and tuple(out.shape[-2:]) == tuple(grid[-2:]):
+        out, dense = (o.flatten(2).transpose(1, 2) for o in (out, dense))  # a map on the grid: its cells as tokens
     if not (isinstance(out, torch.Tensor) and out.ndim == 3 and out.shape[1] >= cells):
         return None
-    a, b = out[0, -cells:].float(), dense[0, -cells:].float()  # class / register tokens come first
+    a, b = out[0, -cells:].float(), dense[0, -cells:].float()
     errors = (a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-12)
     return errors.cpu().numpy().reshape(grid[-2:])
 
@@ -89,8 +92,8 @@ def write_heatmap(emodel, frames: torch.Tensor, path: str | Path, *, dense_model
                   fps: int = 8) -> list[np.ndarray]:
     """Run `frames` [T, 3, H, W] through `emodel` (from its current state) and write the heatmap video.
 
-    `dense_model`: the dense model of a backbone whose output is tokens [B, N, C] (or a tuple
-    starting with them): adds the per-token error panel. Returns, per frame, the drawn gates'
+    `dense_model`: the dense model of a backbone whose output is tokens [B, N, C] or a feature
+    map [B, C, H, W] on the token grid (or a tuple starting with one): adds the error panel. Returns, per frame, the drawn gates'
     masks [gates, H_grid, W_grid] (True: recomputed).
     """
     path = Path(path)

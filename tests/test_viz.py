@@ -56,3 +56,13 @@ def test_cli_heatmap(tmp_path):
                  "--heatmap", str(out)]) == 0
     frames = _decode(out)
     assert len(frames) == 3 and frames[0].shape == (224, 448, 3)
+
+
+def test_error_panel_reads_feature_maps_on_the_token_grid():
+    from eventful_fx.viz import _token_errors
+
+    dense = torch.randn(1, 8, 4, 6)
+    out = dense.clone()
+    out[0, :, 1, 2] += 1.0  # one cell off
+    errors = _token_errors((out, None), (dense, None), (4, 6))
+    assert errors.shape == (4, 6) and errors[1, 2] > 0 and np.count_nonzero(errors) == 1
