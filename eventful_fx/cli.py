@@ -252,7 +252,8 @@ def _run(args) -> int:
     size = args.size or default_input_size(model)[0]
     path = args.video or video.builtin_clip_path()
     try:
-        prep = preprocessing(model, args.checkpoint)
+        # trained weights: the mean and std they were trained with; untrained ones: ImageNet's, as every benchmark
+        prep = preprocessing(model, args.checkpoint) if args.checkpoint else {}
         frames = video.read_frames(path, size=size, max_frames=args.frames, **prep)
     except (OSError, ValueError) as e:
         print(f"eventful-fx {args.command}: {e}", file=sys.stderr)
