@@ -28,13 +28,14 @@ def load_model(spec: str, input_size: tuple[int, int] | None = None, checkpoint:
     """
     from .zoo import load_checkpoint
 
-    if spec.startswith("hf:"):
-        return _hf_model(spec[3:], input_size, checkpoint).eval()
-    model = _build_model(spec, input_size)
-    return load_checkpoint(model, checkpoint).eval() if checkpoint else model
+    directory = checkpoint if checkpoint and os.path.isdir(checkpoint) else None
+    model = _hf_model(spec[3:], input_size, directory) if spec.startswith("hf:") else _build_model(spec, input_size)
+    if checkpoint and not (directory and spec.startswith("hf:")):
+        load_checkpoint(model, checkpoint)
+    return model.eval()
 
 
-def _hf_model(name: str, input_size, checkpoint: str | None):
+def _hf_model(name: str, input_size, directory: str | None):
     try:
         import transformers
     except ImportError:
@@ -43,21 +44,16 @@ def _hf_model(name: str, input_size, checkpoint: str | None):
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ModelSpecError(f"unknown transformers model {name!r} (e.g. hf:ViTModel, hf:ViTForImageClassification, "
                              "hf:Dinov2Model)")
-    if checkpoint and os.path.isdir(checkpoint):
+    if directory:
         try:
-            return cls.from_pretrained(checkpoint, local_files_only=True)
+            return cls.from_pretrained(directory, local_files_only=True)
         except (OSError, ValueError) as e:
-            raise ValueError(f"--checkpoint: cannot load {name} from {checkpoint}: {str(e).splitlines()[0][:300]}") \
+            raise ValueError(f"--checkpoint: cannot load {name} from {directory}: {str(e).splitlines()[0][:300]}") \
                 from None
     config = cls.config_class()
     if input_size:
         config.image_size = input_size[0]
-    model = cls(config)
-    if checkpoint:
-        from .zoo import load_checkpoint
-
-        load_checkpoint(model, checkpoint)
-    return model
+    return cls(config)
 
 
 def _build_model(spec: str, input_size):

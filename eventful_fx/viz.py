@@ -104,12 +104,13 @@ def write_heatmap(emodel, frames: torch.Tensor, path: str | Path, *, dense_model
         for frame in frames:
             x = frame[None]
             out = emodel(x)
-            masks = [token_mask(gate) for _, gate in chosen_gates(emodel)]
+            gates = [gate for _, gate in chosen_gates(emodel)]
+            masks = [token_mask(gate) for gate in gates]
             drawn.append(np.stack(masks))
             image = _overlay(_image(frame, mean, std), masks)
             errors = None
             if dense_model is not None:
-                errors = _token_errors(out, dense_model(x), chosen_gates(emodel)[0][1].grid)
+                errors = _token_errors(out, dense_model(x), gates[0].grid)
                 if errors is not None:
                     errors_seen.append(errors)
             rendered.append((image, errors))

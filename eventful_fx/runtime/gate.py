@@ -275,12 +275,13 @@ class TokenGate(StatefulOp):
         to, frm = stream * num_tokens + token, stream * num_tokens + source[stream, token]
         flat_x, flat_ref = rows.reshape(batch * num_tokens, -1), refs.reshape(batch * num_tokens, -1)
         closer = _token_distances(flat_x.index_select(0, to)[None], flat_ref.index_select(0, frm)[None], dtype)[0]
-        better = closer < distance.view(-1).index_select(0, to)
-        to, frm, closer = to[better], frm[better], closer[better]
-        if to.numel():
-            move_rows(flat_ref, (to, frm), num_tokens)
-            distance.view(-1).index_copy_(0, to, closer)
-            self.moves = (to, frm)
+        own_distance = distance.view(-1).index_select(0, to)
+        better = closer < own_distance
+        # a candidate that is not closer moves onto itself (a no-op copy): no second host sync to filter it out
+        frm, closer = torch.where(better, frm, to), torch.where(better, closer, own_distance)
+        move_rows(flat_ref, (to, frm), num_tokens)
+        distance.view(-1).index_copy_(0, to, closer)
+        self.moves = (to, frm)
         return distance
 
     def _flush_all(self, x: Tensor) -> tuple[Tensor, Tensor]:
