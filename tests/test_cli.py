@@ -17,6 +17,7 @@ from eventful_fx.cli import main
     (["run", "--threshold", "-1"], "--threshold"),
     (["run", "--json", "/no/such/folder/o.json"], "--json"),
     (["run", "--video", "/no/such/clip.mp4"], "--video"),
+    (["run", "--video", "builtin:cartoon"], "--video: unknown built-in clip"),
     (["run", "--model", "vit_no_such_model"], "unknown model"),
     (["run", "--baselines", "eager,tensorrt"], "--baselines"),
     (["run", "--device", "gpu0"], "--device"),

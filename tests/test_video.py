@@ -17,6 +17,7 @@ from eventful_fx.video import (
     builtin_clip_path,
     iter_frames,
     read_frames,
+    video_path,
 )
 
 
@@ -62,6 +63,32 @@ def test_builtin_clip_is_video_like(clip):
     hot = per_patch.argmax(dim=1)
     cols = hot % 14
     assert cols.max() - cols.min() >= 8
+
+
+def test_real_builtin_clip_is_shipped_with_its_licence_and_is_one_shot():
+    path = builtin_clip_path("real")
+    assert path.stat().st_size <= 2_000_000
+    licence = (path.parent / "bunny.LICENSE").read_text()
+    assert "Blender Foundation" in licence and "creativecommons.org/licenses/by/3.0" in licence
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        assert (s.width, s.height, s.average_rate) == (640, 360, 25)
+    x = builtin_clip(size=224, max_frames=40, name="real")
+    assert x.shape == (40, 3, 224, 224)
+    step = (x[1:] - x[:-1]).abs().mean(dim=(1, 2, 3))
+    # one continuous shot: no frame jumps like a scene cut, and frames do change
+    assert step.max() < 4 * step.median() and (step > 0).sum() >= 35
+    assert step.mean() < 0.5 * (x[-1] - x[0]).abs().mean()
+
+
+def test_video_names():
+    assert video_path(None) == video_path("builtin") == builtin_clip_path()
+    assert video_path("builtin:real") == builtin_clip_path("real")
+    assert video_path(str(builtin_clip_path())) == builtin_clip_path()
+    with pytest.raises(ValueError, match="choose one of"):
+        video_path("builtin:cartoon")
+    with pytest.raises(FileNotFoundError, match="builtin:real"):
+        video_path("/no/such/clip.mp4")
 
 
 def test_builtin_clip_sizes():
