@@ -293,10 +293,52 @@ def _run(args) -> int:
     return 0
 
 
+# -- serve --------------------------------------------------------------------------------
+
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="vit_base_patch16_224", help="as for run (built on every replica)")
+    p.add_argument("--budget", type=float, default=0.25, help="fraction of dense MACs per frame (eventful_fx.serve."
+                                                               "set_budget changes it while serving)")
+    p.add_argument("--replicas", type=int, default=1, help="model replicas; each holds the state of its streams")
+    p.add_argument("--size", type=int, default=None, help="frame size (default: the model's input size)")
+    p.add_argument("--max-batch", type=int, default=8, help="streams run as one batch per replica, at most")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", default=None, help="a running Ray cluster (ray://... or auto); default: start one")
+
+
+def _serve(args) -> int:
+    if not 0 < args.budget <= 1 or args.replicas < 1 or args.max_batch < 1:
+        print("eventful-fx serve: --budget must be in (0, 1], --replicas and --max-batch at least 1", file=sys.stderr)
+        return 2
+    try:
+        import ray
+
+        from . import serve
+    except ImportError as e:
+        print(f"eventful-fx serve: {e}", file=sys.stderr)
+        return 2
+    import time
+
+    ray.init(address=args.address, include_dashboard=False)
+    url = serve.run(args.model, args.budget, replicas=args.replicas, size=args.size, max_batch=args.max_batch,
+                    host=args.host, port=args.port)
+    print(f"serving {args.model} at budget {args.budget} on {args.replicas} replica(s) at {url} (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve as ray_serve
+
+        ray_serve.shutdown()
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
     "analyze": (_add_analyze, _analyze, "report which parts of a model can run eventfully, and why the rest cannot"),
     "run": (_add_run, _run, "run a model eventfully on a video: MACs saved, speedup and fidelity vs dense"),
     "bench": (lambda p: _add_run(p, "1.0,0.5,0.25,0.125"), _run, "the same over several budgets"),
+    "serve": (_add_serve, _serve, "serve many camera streams over HTTP on Ray Serve (pip install 'eventful_fx[serve]')"),
 }
 
 
