@@ -302,6 +302,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=1, help="model replicas; each holds the state of its streams")
     p.add_argument("--size", type=int, default=None, help="frame size (default: the model's input size)")
     p.add_argument("--max-batch", type=int, default=8, help="streams run as one batch per replica, at most")
+    p.add_argument("--batch-wait", type=float, default=0.02, help="seconds a replica waits for a batch to fill")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", default=None, help="a running Ray cluster (ray://... or auto); default: start one")
@@ -322,7 +323,7 @@ def _serve(args) -> int:
 
     ray.init(address=args.address, include_dashboard=False)
     url = serve.run(args.model, args.budget, replicas=args.replicas, size=args.size, max_batch=args.max_batch,
-                    host=args.host, port=args.port)
+                    batch_wait_s=args.batch_wait, host=args.host, port=args.port)
     print(f"serving {args.model} at budget {args.budget} on {args.replicas} replica(s) at {url} (Ctrl-C stops)")
     try:
         while True:

@@ -6,12 +6,15 @@ HTTP ingress, the budget all replicas follow and the client (`StreamClient`). Ne
 How a frame travels: the client opens a stream and gets an opaque token (random bytes
 signed with the application's secret, so it cannot be guessed or made up). Each frame goes
 to the ingress with the token and the frame's sequence number; the ingress calls the model
-deployment with the token as the request's `multiplexed_model_id`, and `StreamKeyRouter`
-sends every request of a token to the same replica: the live replica ranked first for that
-token by rendezvous hashing. Ray Serve's own multiplexed routing only prefers a replica that
-holds a key and falls back to any other when that one is busy, which would split a stream's
-state; a custom `RequestRouter` makes the choice deterministic, and when a replica dies or
-is added only the streams it ranked first move.
+deployment with the token as the call's first argument, and `StreamKeyRouter` sends every
+request of a token to the same replica: the live replica ranked first for that token by
+rendezvous hashing. Ray Serve offers two other ways to key requests, neither right here:
+multiplexing (`multiplexed_model_id`) only prefers a replica that holds a key and falls
+back to any other when that one is busy, which would split a stream's state, and
+`serve.batch` never batches requests of different multiplexed ids together, so streams
+would never share a batch. The custom `RequestRouter` (Ray Serve's request-router API)
+makes the choice deterministic, and when a replica dies or is added only the streams it
+ranked first move.
 
 Each replica keeps a `StreamPool`: frames of different streams that arrive within one
 `serve.batch` window run as one batch, each stream in its own row. A replica uses a
@@ -60,12 +63,13 @@ def _rank(key: str, replica_id: str) -> bytes:
 
 
 class StreamKeyRouter(RequestRouter):
-    """Every request with the same `multiplexed_model_id` (a stream token) goes to one replica:
-    the live one whose rendezvous hash with the token is highest (the next one while it is full)."""
+    """Every request whose first argument is the same stream token goes to one replica: the
+    live one whose rendezvous hash with the token is highest. Other requests go anywhere."""
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        key = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
+        args = pending_request.args if pending_request is not None else ()
+        key = args[0] if args and isinstance(args[0], str) else ""
         if not key:
             return [candidate_replicas]
         ranked = sorted(candidate_replicas, key=lambda r: _rank(key, r.replica_id.unique_id), reverse=True)
@@ -129,8 +133,9 @@ def _board(budget: float):
 class EventfulReplica:
     """One replica: a `StreamPool` and, per stream token, the sequence number of its last frame."""
 
-    def __init__(self, model, size: int | None = None, max_batch: int = 8, batch_wait_s: float = 0.005,
-                 idle_timeout_s: float = 300.0, threads: int | None = 1, options: dict | None = None):
+    def __init__(self, model, size: int | None = None, max_batch: int = 8, batch_wait_s: float = 0.02,
+                 idle_timeout_s: float = 300.0, threads: int | None = 1, options: dict | None = None,
+                 warm_up: bool = True):
         import torch
 
         from .cli import default_input_size, load_model
@@ -145,10 +150,13 @@ class EventfulReplica:
         self.pool = StreamPool(model.eval(), max_batch=max_batch, **(options or {}))  # budget: `reconfigure`
         self._batch.set_max_batch_size(max_batch)
         self._batch.set_batch_wait_timeout_s(batch_wait_s)
+        if warm_up:  # every batch size's graph, before the replica takes traffic
+            self.pool.warm_up(torch.zeros(self.frame_shape))
         self.idle_timeout_s = idle_timeout_s
         self.last_seq: dict[str, int] = {}
         self.last_seen: dict[str, float] = {}
         self._torch = torch
+        self._pool_lock = asyncio.Lock()  # the pool runs in a worker thread: one user at a time
 
     def reconfigure(self, config: dict) -> None:
         """`user_config`: the budget the application was deployed with."""
@@ -173,7 +181,6 @@ class EventfulReplica:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _batch(self, requests: list[tuple[str, int, np.ndarray]]) -> list[dict]:
         await self._follow_budget()
-        self._forget_idle()
         results: list[dict | None] = [None] * len(requests)
         pending = list(range(len(requests)))
         while pending:  # a stream with two frames in one window: one per call, in order
@@ -190,8 +197,10 @@ class EventfulReplica:
                     self.pool.reset(token)
                 flushed.append(fresh)
             frames = self._torch.from_numpy(np.stack([requests[i][2] for i in now]))
-            with self._torch.no_grad():
-                out = self.pool.run(frames, tokens)
+            # off the event loop: requests keep arriving (and form the next batch) while this one runs
+            async with self._pool_lock:
+                self._forget_idle()
+                out = await asyncio.to_thread(self._run, frames, tokens)
             stats = self.pool.last_stats
             for j, i in enumerate(now):
                 token, seq, _ = requests[i]
@@ -201,7 +210,15 @@ class EventfulReplica:
             pending = later
         return results
 
-    def close(self, token: str) -> None:
+    def _run(self, frames, tokens):
+        with self._torch.no_grad():
+            return self.pool.run(frames, tokens)
+
+    async def close(self, token: str) -> None:
+        async with self._pool_lock:
+            self._forget(token)
+
+    def _forget(self, token: str) -> None:
         self.pool.close(token)
         self.last_seq.pop(token, None)
         self.last_seen.pop(token, None)
@@ -209,7 +226,7 @@ class EventfulReplica:
     def _forget_idle(self) -> None:
         cutoff = time.monotonic() - self.idle_timeout_s
         for token in [t for t, seen in self.last_seen.items() if seen < cutoff]:
-            self.close(token)
+            self._forget(token)
 
 
 # -- the HTTP ingress ----------------------------------------------------------------------
@@ -246,7 +263,7 @@ def _ingress_class():
                 frame = decode_array(await request.body())
             except ValueError as e:
                 raise HTTPException(422, str(e)) from None
-            handle = self.model.options(multiplexed_model_id=token)
+            handle = self.model
             for attempt in range(2):
                 try:
                     result = await handle.frame.remote(token, seq, frame)
@@ -265,14 +282,14 @@ def _ingress_class():
         @api.delete("/streams/{token}")
         async def close(self, token: str) -> dict:
             self._check(token)
-            await self.model.options(multiplexed_model_id=token).close.remote(token)
+            await self.model.close.remote(token)
             return {"closed": token}
 
     return Ingress
 
 
 def build_app(model, budget: float = 0.25, *, replicas: int = 1, size: int | None = None, max_batch: int = 8,
-              batch_wait_s: float = 0.005, idle_timeout_s: float = 300.0, threads: int | None = 1,
+              batch_wait_s: float = 0.02, idle_timeout_s: float = 300.0, threads: int | None = 1,
               options: dict | None = None, secret: bytes | None = None):
     """The application: `replicas` model replicas behind one HTTP ingress.
 

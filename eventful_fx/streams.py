@@ -115,6 +115,20 @@ class StreamPool:
         self.last_stats = module.stats
         return pytree.tree_map_only(torch.Tensor, lambda t: t[:len(ids)].clone(), out)
 
+    @torch.no_grad()
+    def warm_up(self, frame: torch.Tensor) -> None:
+        """Build every batch size's graph now (a capture each), not when traffic first needs it."""
+        size = 1
+        while True:
+            module = self._module(size)
+            if module.graph_module is None:
+                self._evict(size)
+                module(frame[None].expand(size, *frame.shape))
+                module.reset()
+            if size >= self.max_batch:
+                break
+            size *= 2
+
     # -- rows ---------------------------------------------------------------------------
     def _module(self, size: int) -> EventfulModule:
         if size not in self._modules:
