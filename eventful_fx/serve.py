@@ -37,6 +37,7 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+import torch
 
 try:
     import ray
@@ -136,8 +137,6 @@ class EventfulReplica:
     def __init__(self, model, size: int | None = None, max_batch: int = 8, batch_wait_s: float = 0.02,
                  idle_timeout_s: float = 300.0, threads: int | None = 1, options: dict | None = None,
                  warm_up: bool = True):
-        import torch
-
         from .cli import default_input_size, load_model
         from .streams import StreamPool
 
@@ -155,7 +154,6 @@ class EventfulReplica:
         self.idle_timeout_s = idle_timeout_s
         self.last_seq: dict[str, int] = {}
         self.last_seen: dict[str, float] = {}
-        self._torch = torch
         self._pool_lock = asyncio.Lock()  # the pool runs in a worker thread: one user at a time
 
     def reconfigure(self, config: dict) -> None:
@@ -189,17 +187,14 @@ class EventfulReplica:
                 (later if requests[i][0] in seen else now).append(i)
                 seen.add(requests[i][0])
             tokens = [requests[i][0] for i in now]
-            flushed = []
-            for i in now:
-                token, seq, _ = requests[i]
-                fresh = self.last_seq.get(token) != seq - 1
-                if fresh:
-                    self.pool.reset(token)
-                flushed.append(fresh)
-            frames = self._torch.from_numpy(np.stack([requests[i][2] for i in now]))
-            # off the event loop: requests keep arriving (and form the next batch) while this one runs
+            frames = torch.from_numpy(np.stack([requests[i][2] for i in now]))
             async with self._pool_lock:
-                self._forget_idle()
+                self._forget_idle()  # first: a stream forgotten now must be counted as flushed below
+                flushed = [self.last_seq.get(token) != seq - 1 for token, seq, _ in (requests[i] for i in now)]
+                for token, fresh in zip(tokens, flushed):
+                    if fresh:
+                        self.pool.reset(token)
+                # off the event loop: requests keep arriving (and form the next batch) while this one runs
                 out = await asyncio.to_thread(self._run, frames, tokens)
             stats = self.pool.last_stats
             for j, i in enumerate(now):
@@ -211,7 +206,7 @@ class EventfulReplica:
         return results
 
     def _run(self, frames, tokens):
-        with self._torch.no_grad():
+        with torch.no_grad():
             return self.pool.run(frames, tokens)
 
     async def close(self, token: str) -> None:
