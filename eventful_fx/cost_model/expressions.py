@@ -266,6 +266,9 @@ class _Walk:
             self.add("buffer", f"buf_{node.name}.moves", gate, per_token * n, 0, per_token * self.tokens(n))
         if self.state_dtype is not None and self.state_dtype != _dtype(node):  # returns a converted copy
             self.add("buffer", f"buf_{node.name}.convert", gate, per_token * n, 0, per_token * self.tokens(n))
+        if self.state_dtype == torch.int8:  # a float32 scale per token and row (`encode_tokens`)
+            rows = math.prod(shape[:t0])
+            self.memory(f"buf_{node.name}.scale", gate, rows * n, 4, rows * self.tokens(n))
         self.memory(f"buf_{node.name}", gate, math.prod(shape), self.state_size or _dtype(node).itemsize,
                     per_token * self.tokens(n))
 
@@ -298,6 +301,8 @@ class _Walk:
         else:  # reads a buffer: scores only the tokens written into it
             self.add("gate", f"{name}.score", upstream, 0, self.batch * channels, B * C * self.cm.k[upstream])
         self.memory(name, name, math.prod(shape), self.state_size or _dtype(root).itemsize, B * N * C)
+        if self.state_dtype == torch.int8:
+            self.memory(f"{name}.scale", name, self.batch * n, 4, B * N)
         dtype = _dtype(root)
         distances = score_dtype(dtype, self.state_dtype or dtype).itemsize
         self.memory(f"{name}.distance", name, self.batch * n, distances, B * N)

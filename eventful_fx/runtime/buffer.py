@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .gate import flat_token_index, move_rows
-from .state import StatefulOp, tensor_bytes
+from .state import StatefulOp, decode_tokens, encode_tokens, tensor_bytes
 
 
 class TokenBuffer(StatefulOp):
@@ -22,7 +22,8 @@ class TokenBuffer(StatefulOp):
     output must clone it. Duplicate indices carry identical data (gate padding), so the
     write order does not matter. With a `state_dtype` other than the tokens' dtype the
     buffer is kept in that dtype and each call returns a converted copy (unrounded where every
-    token is fresh: a flush, budget 1).
+    token is fresh: a flush, budget 1). `torch.int8` keeps one float32 scale per token beside it
+    (`encode_tokens`): a quarter of float32.
     """
 
     def __init__(self, num_tokens: int, state_dtype: torch.dtype | None = None, neighbour_reuse: bool = False) -> None:
@@ -32,20 +33,21 @@ class TokenBuffer(StatefulOp):
         # its gate may move rows (neighbour reuse): their copy is counted on every call, for all N (worst case)
         self.neighbour_reuse = neighbour_reuse
         self._full: Tensor | None = None
+        self._scale: Tensor | None = None  # [R, N] per-token scales of an int8 state
 
     def reset(self, streams: Sequence[int] | None = None) -> None:
         # a per-stream reset needs nothing here: the gate's flush rewrites every token of the stream
         if streams is None:
-            self._full = None
+            self._full = self._scale = None
 
     def state_bytes(self) -> int:
-        return tensor_bytes(self._full)
+        return tensor_bytes(self._full, self._scale)
 
     def stream_state(self) -> dict:
-        return {"full": self._full}
+        return {"full": self._full, "scale": self._scale}
 
     def load_stream_state(self, state: dict) -> None:
-        self._full = state["full"]
+        self._full, self._scale = state["full"], state.get("scale")
 
     def forward(self, fresh: Tensor, idx: Tensor, moves: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """`moves`: the gate's reference moves on this call (`TokenGate.moves`), applied before the write."""
@@ -57,15 +59,21 @@ class TokenBuffer(StatefulOp):
         if (full is None or full.shape[0] != rows or full.shape[2:] != token_shape
                 or full.dtype != dtype or full.device != fresh.device):
             full = self._full = fresh.new_zeros(rows, self.num_tokens, *token_shape, dtype=dtype)
+            self._scale = fresh.new_zeros(rows, self.num_tokens, dtype=torch.float32) if dtype == torch.int8 else None
         elif moves is not None:
             move_rows(full.view(rows * self.num_tokens, *token_shape), moves, self.num_tokens, rows // batch)
+            if self._scale is not None:
+                move_rows(self._scale.view(-1), moves, self.num_tokens, rows // batch)
         moved = full.numel() if self.neighbour_reuse else 0
         if dtype == fresh_dtype:
             self._write(full, fresh, idx)
             self.overhead_macs = fresh.numel() + moved
             return full
-        self._write(full, fresh.to(dtype), idx)
-        out = full.to(fresh_dtype)
+        data, scale = encode_tokens(fresh, dtype)
+        self._write(full, data, idx)
+        if scale is not None:
+            self._write(self._scale, scale, idx)
+        out = decode_tokens(full, self._scale, fresh_dtype)
         self.overhead_macs = fresh.numel() + full.numel() + moved
         if k == self.num_tokens:
             # every token is fresh (a flush, budget 1): they go out unrounded, so those frames stay exact.

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .policy import Policy
-from .state import StatefulOp, tensor_bytes
+from .state import StatefulOp, decode_tokens, encode_tokens, tensor_bytes
 
 
 def flat_token_index(idx: Tensor, num_tokens: int) -> Tensor:
@@ -73,10 +73,10 @@ def score_dtype(x_dtype: torch.dtype, state_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(torch.promote_types(x_dtype, state_dtype), torch.float32)
 
 
-def _token_distances(x: Tensor, ref: Tensor, dtype: torch.dtype) -> Tensor:
-    """||x - ref|| per token of [B, n, ...] tensors, in `dtype`."""
+def _token_distances(x: Tensor, ref: Tensor, dtype: torch.dtype, scale: Tensor | None = None) -> Tensor:
+    """||x - ref|| per token of [B, n, ...] tensors, in `dtype` (`scale`: ref's per-token scales, int8)."""
     if x.dtype != ref.dtype:  # the reference holds x rounded to the state dtype: compare like with like
-        x, ref = x.to(ref.dtype).to(dtype), ref.to(dtype)
+        x, ref = decode_tokens(*encode_tokens(x, ref.dtype), dtype), decode_tokens(ref, scale, dtype)
     return torch.linalg.vector_norm((x - ref).reshape(*x.shape[:2], -1), dim=-1, dtype=dtype)
 
 
@@ -125,7 +125,8 @@ class TokenGate(StatefulOp):
     gate then skips takes its neighbour's results instead of its own older ones. Such a gate
     scores every token on every call (`changed` is not used). `state_dtype` stores
     the reference in another dtype (float16 halves it); x is rounded to it before scoring,
-    so an unchanged token scores 0 whatever the dtype; scores are float32 or wider.
+    so an unchanged token scores 0 whatever the dtype; scores are float32 or wider. int8 keeps a
+    float32 scale per token beside the reference (`encode_tokens`).
     """
 
     def __init__(self, policy: Policy, always: Sequence[int] = (), state_dtype: torch.dtype | None = None,
@@ -142,25 +143,27 @@ class TokenGate(StatefulOp):
         self._always_idx: Tensor | None = None
         self.last_counts: Tensor | int = 0
         self._ref: Tensor | None = None
+        self._ref_scale: Tensor | None = None  # [B, N] per-token scales of an int8 reference
         self._score: Tensor | None = None  # distance of the last call's input to the reference, per token
         self._scored = 0
         self._pending_flush: set[int] = set()
 
     def reset(self, streams: Sequence[int] | None = None) -> None:
         if streams is None:
-            self._ref = self._score = None
+            self._ref = self._ref_scale = self._score = None
             self._pending_flush.clear()
         else:
             self._pending_flush.update(int(s) for s in streams)
 
     def state_bytes(self) -> int:
-        return tensor_bytes(self._ref, self._score)
+        return tensor_bytes(self._ref, self._ref_scale, self._score)
 
     def stream_state(self) -> dict:
-        return {"ref": self._ref, "score": self._score, "pending_flush": sorted(self._pending_flush)}
+        return {"ref": self._ref, "ref_scale": self._ref_scale, "score": self._score,
+                "pending_flush": sorted(self._pending_flush)}
 
     def load_stream_state(self, state: dict) -> None:
-        self._ref, self._score = state["ref"], state["score"]
+        self._ref, self._ref_scale, self._score = state["ref"], state.get("ref_scale"), state["score"]
         self._pending_flush = set(state["pending_flush"])
 
     def forward(self, x: Tensor, changed: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -219,9 +222,13 @@ class TokenGate(StatefulOp):
             slot = torch.arange(k_call, device=x.device)
             idx = torch.where(slot < counts.unsqueeze(1), ranking, first)
 
+        scale = self._ref_scale
         if batch == 1:  # one stream (never empty here): index the token axis directly
             selected = x[0].index_select(0, idx[0])
-            ref[0].index_copy_(0, idx[0], selected.to(ref.dtype))
+            data, data_scale = encode_tokens(selected[None], ref.dtype)
+            ref[0].index_copy_(0, idx[0], data[0])
+            if scale is not None:
+                scale[0].index_copy_(0, idx[0], data_scale[0])
         else:
             flat_idx = flat_token_index(idx, num_tokens)
             ref_flat = ref.view(batch * num_tokens, *ref.shape[2:])
@@ -229,8 +236,13 @@ class TokenGate(StatefulOp):
             if any_empty:
                 # an empty stream recomputes token 0 from what it was last computed from
                 empty = (counts == 0).repeat_interleave(k_call).view(-1, *[1] * (x.ndim - 2))
-                selected = torch.where(empty, ref_flat.index_select(0, flat_idx).to(x.dtype), selected)
-            ref_flat.index_copy_(0, flat_idx, selected.to(ref.dtype))
+                kept = decode_tokens(ref_flat.index_select(0, flat_idx)[None],
+                                     None if scale is None else scale.view(-1).index_select(0, flat_idx)[None], x.dtype)
+                selected = torch.where(empty, kept[0], selected)
+            data, data_scale = encode_tokens(selected[None], ref.dtype)
+            ref_flat.index_copy_(0, flat_idx, data[0])
+            if scale is not None:
+                scale.view(-1).index_copy_(0, flat_idx, data_scale[0])
         kept = distance[:, 0].clone() if any_empty else None
         distance.scatter_(1, idx, 0.0)
         if any_empty:  # token 0 of an empty stream kept its old reference, and its distance
@@ -252,7 +264,10 @@ class TokenGate(StatefulOp):
         batch, num_tokens = x.shape[:2]
         self._scored = num_tokens
         dtype = score_dtype(x.dtype, ref.dtype)
-        distance = _token_distances(x, ref, dtype)
+        distance = _token_distances(x, ref, dtype, self._ref_scale)
+        stored = ref
+        if self._ref_scale is not None:  # match on values as the reference holds them
+            ref, x = decode_tokens(ref, self._ref_scale, dtype), decode_tokens(*encode_tokens(x, ref.dtype), dtype)
         table = self.neighbours = self.neighbours.to(x.device)
         rows, refs = x.reshape(batch, num_tokens, -1), ref.reshape(batch, num_tokens, -1)
         channels = rows.shape[-1]
@@ -279,7 +294,9 @@ class TokenGate(StatefulOp):
         better = closer < own_distance
         # a candidate that is not closer moves onto itself (a no-op copy): no second host sync to filter it out
         frm, closer = torch.where(better, frm, to), torch.where(better, closer, own_distance)
-        move_rows(flat_ref, (to, frm), num_tokens)
+        move_rows(stored.view(batch * num_tokens, -1), (to, frm), num_tokens)
+        if self._ref_scale is not None:
+            move_rows(self._ref_scale.view(-1), (to, frm), num_tokens)
         distance.view(-1).index_copy_(0, to, closer)
         self.moves = (to, frm)
         return distance
@@ -287,8 +304,8 @@ class TokenGate(StatefulOp):
     def _flush_all(self, x: Tensor) -> tuple[Tensor, Tensor]:
         batch, num_tokens = x.shape[:2]
         # a contiguous copy: the in-place writes on its flat view must land in the reference
-        self._ref = torch.empty_like(x, dtype=self.state_dtype or x.dtype,
-                                     memory_format=torch.contiguous_format).copy_(x.detach())
+        data, self._ref_scale = encode_tokens(x.detach(), self.state_dtype or x.dtype)
+        self._ref = torch.empty_like(data, memory_format=torch.contiguous_format).copy_(data)
         self._pending_flush.clear()
         if self.always:  # made here, with the state, so that incremental frames find it (no recompile)
             self._always_idx = torch.tensor(self.always, device=x.device)
@@ -309,11 +326,12 @@ class TokenGate(StatefulOp):
         last, dtype = self._score, score_dtype(x.dtype, ref.dtype)
         if changed is None or last is None or last.shape != (batch, num_tokens):
             self._scored = num_tokens
-            return _token_distances(x, ref, dtype)
+            return _token_distances(x, ref, dtype, self._ref_scale)
         self._scored = changed.shape[1]
         if self._scored == 0:
             return last
-        moved = _token_distances(gather_tokens(x, changed), gather_tokens(ref, changed), dtype)
+        scale = None if self._ref_scale is None else gather_tokens(self._ref_scale, changed)
+        moved = _token_distances(gather_tokens(x, changed), gather_tokens(ref, changed), dtype, scale)
         return last.scatter_(1, changed, moved)
 
     def _take_flush(self, batch: int, device: torch.device) -> tuple[list[int], Tensor | None]:

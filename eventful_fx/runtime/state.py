@@ -44,3 +44,20 @@ class StatefulOp(nn.Module):
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def encode_tokens(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tokens x [R, n, *C] in a state dtype: a cast, or for int8 the values over one float32 scale per
+    token [R, n] (its largest magnitude / 127), so each token keeps its own range."""
+    if dtype != torch.int8:
+        return x.to(dtype), None
+    scale = x.detach().abs().amax(dim=tuple(range(2, x.ndim))).float().clamp_min(torch.finfo(torch.float32).tiny) / 127
+    data = torch.round(x / scale.view(*scale.shape, *[1] * (x.ndim - 2))).to(torch.int8)
+    return data, scale
+
+
+def decode_tokens(data: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The tokens `encode_tokens` kept, in `dtype`."""
+    if scale is None:
+        return data.to(dtype)
+    return data.to(dtype) * scale.view(*scale.shape, *[1] * (data.ndim - scale.ndim)).to(dtype)
