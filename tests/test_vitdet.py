@@ -128,3 +128,15 @@ def test_explicit_attention_is_fused_into_sdpa(sam_and_clip):
     assert report.convertible_attention_count == fused_report.convertible_attention_count == 2
     assert abs(report.convertible_fraction - fused_report.convertible_fraction) < 0.01
     assert_matches_dense(eventful_fx.compile(explicit, budget=1.0), explicit, clip, tol=1e-4)
+
+
+def test_padding_of_the_window_grid_takes_no_tokens(sam_and_clip):
+    """Padded positions hold the same value on every frame. Selected on every frame like class tokens,
+    they took 384 of each windowed gate's k (all of it at 0.25) and the error was 2.6x this."""
+    model, _ = sam_and_clip
+    clip = builtin_clip(size=SIZE, max_frames=4, name="real")
+    emodel = eventful_fx.compile(model, budget=0.25, calibration=None)
+    errors = assert_matches_dense(emodel, model, clip, tol=0.5)
+    print("all-token error per frame at 0.25:", errors)
+    assert errors[0] < 1e-4
+    assert sum(errors[1:]) / 3 <= 1.15 * 0.0087 and max(errors[1:]) <= 1.15 * 0.0106

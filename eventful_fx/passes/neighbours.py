@@ -24,7 +24,7 @@ import torch.fx as fx
 from . import ops
 from .ops import tensor_shape
 from .regions import AttentionSite, Region
-from .tokens import _EXTRA, NodeInfo
+from .tokens import _PADDING, NodeInfo
 
 MATCH_RADIUS = 1  # a 3x3 neighbourhood: radius 2 gained 1-2% more on the check, for 25 candidates instead of 9
 
@@ -44,7 +44,7 @@ def grid_index(order: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor | Non
     grid; a run with another count of patch tokens than the grid has gives None.
     """
     ids = order.reshape(-1)
-    patches = torch.nonzero(ids < _EXTRA).flatten()
+    patches = torch.nonzero(ids < _PADDING).flatten()
     if len(patches) != math.prod(grid):
         return None
     index = torch.full((len(ids),), -1, dtype=torch.long)

@@ -59,8 +59,20 @@ class NodeInfo:
 
 # Token ids of class / register tokens (concatenated, not from a patch) start here.
 _EXTRA = 1e9
+# Token ids of constant padding (a grid padded to a multiple of a window) sit below them: such a position
+# holds the same value on every frame, so, unlike a class token, no gate needs to update it.
+_PADDING = 5e8
+_PAD_ID = -2.0  # the id a pad gives its new positions, before they are numbered
 # Other-ids carry the stream (batch index) in their high part: other = stream * _STREAM + rest.
 _STREAM = float(2**26)
+
+
+def _constant_pad(node: fx.Node) -> bool:
+    """A pad with a constant value: its new positions hold no token (other modes copy tokens into them)."""
+    if op_name(node) == "constant_pad_nd":
+        return True
+    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+    return op_name(node) == "pad" and mode == "constant"
 
 
 def _ids(shape: tuple[int, ...], dims: tuple[int, ...], token: bool) -> torch.Tensor:
@@ -93,7 +105,7 @@ def _layout(tok: torch.Tensor, oth: torch.Tensor) -> TokenLayout | None:
             continue
         dims.append(d)
         other_steps = oth.narrow(d, 1, n - 1) != oth.narrow(d, 0, n - 1)
-        if padded:  # padding (token id -1) has no channel ids of its own: leave it out of the mixing test
+        if padded:  # padding (token id -2) has no channel ids of its own: leave it out of the mixing test
             other_steps &= (later >= 0) & (earlier >= 0)
         mixed |= bool(other_steps.any())
     if not dims:
@@ -182,10 +194,10 @@ class TokenAnalysis:
             return a
         args = fx.node.map_aggregate(node.args, sub)
         kwargs = dict(fx.node.map_aggregate(node.kwargs, sub))
-        if op_name(node) in ("pad", "constant_pad_nd"):  # padded positions are no token: id -1
-            args, kwargs = args[:2], {"value": -1.0} if op_name(node) == "pad" else {}
+        if _constant_pad(node):  # padded positions are no token: id -2 (a class token is born -1)
+            args, kwargs = args[:2], {"value": _PAD_ID} if op_name(node) == "pad" else {}
             if op_name(node) == "constant_pad_nd":
-                args = (*args, -1.0)
+                args = (*args, _PAD_ID)
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         return node.target(*args, **kwargs)
@@ -277,11 +289,12 @@ class TokenAnalysis:
         # a new token space (class tokens concatenated, a grid padded, a subset picked): number it afresh
         grows = layout.num_tokens > max((x.num_tokens for x in in_layouts if x), default=0)
         if layout.clean:
-            # padding has no stream of its own (other id -1): it belongs to the stream of its token run
-            streams = torch.floor(oth / _STREAM).masked_fill(tok == -1, -math.inf).amax(
+            # padding has no stream of its own: it belongs to the stream of its token run
+            streams = torch.floor(oth / _STREAM).masked_fill(tok == _PAD_ID, -math.inf).amax(
                 dim=layout.dims, keepdim=True).expand(tok.shape)
             fresh = _ids(tuple(tok.shape), layout.dims, True)
-            layout = self._set(node, torch.where((tok == -1) | (tok >= _EXTRA), fresh + _EXTRA, fresh),
+            extra, padding = (tok == -1) | (tok >= _EXTRA), (tok == _PAD_ID) | ((tok >= _PADDING) & (tok < _EXTRA))
+            layout = self._set(node, torch.where(extra, fresh + _EXTRA, torch.where(padding, fresh + _PADDING, fresh)),
                                _other_ids(tuple(tok.shape), layout.dims, streams))
         kind, reason = ("token_cat", "concatenates tokens (class / register tokens) or pads the token grid") if grows \
             else ("token_select", "selects a subset of tokens")
