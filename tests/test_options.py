@@ -21,7 +21,7 @@ def model_and_clip():
 @pytest.mark.parametrize("option, value", [
     ("policy", "top-k"), ("attention", "sparse"), ("attention", None), ("refresh", True), ("refresh", 1.5),
     ("refresh", 0), ("threshold", -1.0), ("memory_cap_bytes", -1), ("memory_cap_bytes", 1.5),
-    ("linear_kernel", "mkl"), ("state_dtype", torch.int8), ("calibration", "clip.mp4"),
+    ("linear_kernel", "mkl"), ("state_dtype", torch.uint8), ("calibration", "clip.mp4"),
 ])
 def test_bad_option_values_name_the_option(model_and_clip, option, value):
     model, _ = model_and_clip
