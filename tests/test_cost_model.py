@@ -29,7 +29,9 @@ def _tv_vit():
 
 MODELS = {
     "vit_base_patch16_224": (lambda: timm.create_model("vit_base_patch16_224"), 224),
-    "samvit_base_patch16@448": (lambda: timm.create_model("samvit_base_patch16", img_size=448), 448),
+    # 20x20 tokens: windows on a padded grid; two windowed and two global blocks
+    "samvit_base_patch16@320": (lambda: timm.create_model("samvit_base_patch16", img_size=320, depth=4,
+                                                          global_attn_indexes=(1, 3)), 320),
     "torchvision_vit_b_16": (_tv_vit, 224),
 }
 

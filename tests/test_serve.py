@@ -1,5 +1,5 @@
 """Serving on Ray Serve (issue 15): a local Ray instance, a tiny ViT on 2 replicas, 6 streams
-of 20 frames interleaved. Every stream's outputs equal a batch-1 EventfulModule fed that
+of 10 frames interleaved. Every stream's outputs equal a batch-1 EventfulModule fed that
 stream alone; a killed replica loses no frame and the streams it held go on from a dense
 frame; bad frames and made-up tokens are refused for that stream alone."""
 from __future__ import annotations
@@ -21,14 +21,15 @@ from eventful_fx.video import builtin_clip  # noqa: E402
 
 pytestmark = pytest.mark.serve
 
-MODEL, SIZE, BUDGET, STREAMS, FRAMES = "vit_tiny_patch16_224", 96, 0.25, 6, 20
+MODEL, SIZE, BUDGET, STREAMS, FRAMES = "vit_tiny_patch16_224", 96, 0.25, 6, 10
+OPTIONS = {"calibration": None}  # the uniform plan: no calibration per batch size on start-up
 
 
 @pytest.fixture(scope="module")
 def url():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        yield es.run(MODEL, BUDGET, replicas=2, size=SIZE, port=8765)
+        yield es.run(MODEL, BUDGET, replicas=2, size=SIZE, port=8765, max_batch=4, options=OPTIONS)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -52,7 +53,7 @@ def rel(a, b) -> float:
 
 def reference(model, clip, flushes):
     """What one in-process EventfulModule gives for this stream alone, reset where the server flushed."""
-    emodel = eventful_fx.compile(model, budget=BUDGET)
+    emodel = eventful_fx.compile(model, budget=BUDGET, **OPTIONS)
     outs = []
     with torch.no_grad():
         for t, frame in enumerate(clip):
