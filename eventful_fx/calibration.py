@@ -116,9 +116,9 @@ def calibrate(emodel, inputs: list[tuple], fraction: float = 0.25, depth_groups:
     rows, errors = [], []
     try:
         for fractions in runs:
-            ks = {g: max(gates[g].min_k, min(gates[g].num_tokens, round(f * gates[g].num_tokens)))
+            ks = {g: max(gates[g].min_k, min(gates[g].selectable, round(f * gates[g].selectable)))
                   for group, f in zip(groups, fractions) for g in group}
-            rows.append([float(staleness(np.mean([ks[g] / gates[g].num_tokens for g in group]))) for group in groups])
+            rows.append([float(staleness(np.mean([ks[g] / gates[g].selectable for g in group]))) for group in groups])
             errors.append(_clip_error(emodel, ks, inputs, references))
     finally:
         emodel.reset()
@@ -133,7 +133,7 @@ def calibrate(emodel, inputs: list[tuple], fraction: float = 0.25, depth_groups:
     notes = [f"group {i} floored ({fit[i]:.3g} -> {floor[i]:.3g})" for i in range(len(groups)) if fit[i] < floor[i]]
     weights = {g: float(group_weights[i]) / len(group) for i, group in enumerate(groups) for g in group}
     # keep the fit only if its plan beats the base plan (uniform, same MACs) on the calibration frames
-    budget = cost_model.predict_macs({g: max(gates[g].min_k, round(fraction * gates[g].num_tokens))
+    budget = cost_model.predict_macs({g: max(gates[g].min_k, round(fraction * gates[g].selectable))
                                       for g in gates}) / cost_model.dense_macs
     solution = BudgetSolver(cost_model, weights).solve(budget)
     ks = {g: solution.ks.get(g, gates[g].num_tokens) for g in gates}

@@ -140,3 +140,16 @@ def test_padding_of_the_window_grid_takes_no_tokens(sam_and_clip):
     print("all-token error per frame at 0.25:", errors)
     assert errors[0] < 1e-4
     assert sum(errors[1:]) / 3 <= 1.15 * 0.0087 and max(errors[1:]) <= 1.15 * 0.0106
+
+
+def test_plans_count_the_tokens_that_can_change(sam_and_clip):
+    """A windowed gate's fraction k/N counts the 400 tokens, not the 784 positions of the padded grid, where
+    its padding still holds the pad's constant; after attention a padded position holds a padded query's
+    output, which changes (cropped later, but it takes a token when selected)."""
+    model, clip = sam_and_clip
+    emodel = eventful_fx.compile(model, budget=1.0, calibration=None)
+    assert_matches_dense(emodel, model, clip, tol=1e-4)  # k = 400 of 784 before attention: still exact
+    gates = emodel.decision.model.gates
+    windowed = [g for g in gates.values() if g.num_tokens == 784]
+    assert sorted(g.selectable for g in windowed) == [400, 400, 784, 784]
+    assert all(k <= gates[name].selectable for name, k in emodel.decision.ks.items())

@@ -41,7 +41,7 @@ from ..passes import ops
 from ..passes.ops import node_value, op_kind, tensor_shape
 from ..passes.regions import AttentionSite, Region
 from ..passes.rewrite import gateable_sdpa_args, joinable, runs_incremental
-from ..passes.tokens import NodeInfo
+from ..passes.tokens import NodeInfo, constant_pad
 from ..runtime.gate import SKETCH_DIM, score_dtype
 
 _MIXED = "<mixed>"  # changes from the input frame or a token-mixing node: anywhere
@@ -64,10 +64,16 @@ class Gate:
     per_k: Fraction = Fraction(0)
     state_bytes: int = 0           # its reference, its buffers, its incremental attention caches
     behind: str | None = None      # the one gate all changes of its input come through (see `cascade`)
+    padding: int = 0               # positions that hold constant padding: never change, so never worth a token
+
+    @property
+    def selectable(self) -> int:
+        """Tokens that can change: what a plan's fraction k/N counts (k beyond it would recompute padding)."""
+        return self.num_tokens - self.padding
 
     @property
     def min_k(self) -> int:
-        return min(self.num_tokens, max(1, len(self.always)))
+        return min(self.selectable, max(1, len(self.always)))
 
     def macs(self, k: float) -> float:
         return float(self.const + self.per_k * k)
@@ -168,13 +174,14 @@ class CostModel:
         return self._fns
 
     def gate_arrays(self):
-        """Per gate, in order: (const, per_k, dense MACs, N, min k) as numpy arrays; per_k from the lambdified gradient."""
+        """Per gate, in order: (const, per_k, dense MACs, selectable N, min k) as numpy arrays; per_k from the
+        lambdified gradient."""
         _, grad = self.functions()
         names = list(self.gates)
         per_k = np.asarray(grad(*[self.gates[g].num_tokens for g in names]), dtype=np.float64).reshape(-1)
         const = np.array([float(self.gates[g].const) for g in names])
         dense = np.array([float(self.gates[g].dense_macs) for g in names])
-        n = np.array([self.gates[g].num_tokens for g in names], dtype=np.int64)
+        n = np.array([self.gates[g].selectable for g in names], dtype=np.int64)
         kmin = np.array([self.gates[g].min_k for g in names], dtype=np.int64)
         return const, per_k, dense, n, kmin
 
@@ -287,7 +294,8 @@ class _Walk:
         name = region.name
         sources = self.sources.get(root, frozenset([_MIXED]))
         behind = next(iter(sources)) if len(sources) == 1 and _MIXED not in sources else None
-        self.cm.gates[name] = Gate(name, n, channels, self.batch, tuple(layout.extra), regions=[name], behind=behind)
+        self.cm.gates[name] = Gate(name, n, channels, self.batch, tuple(layout.extra), regions=[name], behind=behind,
+                                   padding=layout.padding if _padding_is_constant(root, self.infos) else 0)
         k = self.cm.k[name] = sympy.Symbol(f"k_{name}", nonnegative=True, integer=True)
         N, C, B = self.tokens(n), sympy.Integer(channels), self.B
         upstream = self.sparse[root][0] if root in self.sparse else None
@@ -410,3 +418,26 @@ class _Walk:
 def _dtype(node: fx.Node) -> torch.dtype:
     value = node_value(node)
     return value.dtype if isinstance(value, torch.Tensor) else torch.float32
+
+
+_LAYOUT_KINDS = {ops.RESHAPE, ops.PERMUTE, ops.EXPAND, ops.INDEX, ops.GETITEM, ops.NOOP}
+
+
+def _padding_is_constant(root: fx.Node, infos: dict[fx.Node, NodeInfo]) -> bool:
+    """Whether the padded positions of root's value still hold the pad's constant: every op between the pad and
+    root is token-wise or only moves values. After attention (or any op that mixes tokens) a padded position
+    holds a function of real tokens, which changes from frame to frame (SAM's padded queries)."""
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        info = infos[node]
+        layouts = [info.layout] if info.outputs is None else list(info.outputs)
+        if constant_pad(node) or not any(x is not None and x.padding for x in layouts):
+            continue  # padding is born here, or this value holds none
+        if not (info.tokenwise or info.kind in _LAYOUT_KINDS):
+            return False
+        stack.extend(a for a in node.all_input_nodes if infos[a].carries_tokens)
+    return True

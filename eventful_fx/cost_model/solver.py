@@ -162,7 +162,7 @@ def uniform_ks(cm: CostModel, budget: float) -> dict[str, int]:
     gates = cm.gates
 
     def ks(f: float) -> dict[str, int]:
-        return {name: max(g.min_k, min(g.num_tokens, math.floor(f * g.num_tokens + 1e-9))) for name, g in gates.items()}
+        return {name: max(g.min_k, min(g.selectable, math.floor(f * g.selectable + 1e-9))) for name, g in gates.items()}
 
     if budget >= 1.0:
         return ks(1.0)

@@ -34,6 +34,11 @@ class TokenLayout:
     order: torch.Tensor = field(compare=False, repr=False)  # token ids along the run of token axes
 
     @property
+    def padding(self) -> int:
+        """Positions along the run of the tokens that hold constant padding."""
+        return int(((self.order >= _PADDING) & (self.order < _EXTRA)).sum())
+
+    @property
     def extra(self) -> tuple[int, ...]:
         """Positions along the run of the tokens that came from no patch (class / register tokens)."""
         return tuple(int(p) for p in torch.nonzero(self.order >= _EXTRA).flatten())
@@ -67,7 +72,7 @@ _PAD_ID = -2.0  # the id a pad gives its new positions, before they are numbered
 _STREAM = float(2**26)
 
 
-def _constant_pad(node: fx.Node) -> bool:
+def constant_pad(node: fx.Node) -> bool:
     """A pad with a constant value: its new positions hold no token (other modes copy tokens into them)."""
     if op_name(node) == "constant_pad_nd":
         return True
@@ -194,7 +199,7 @@ class TokenAnalysis:
             return a
         args = fx.node.map_aggregate(node.args, sub)
         kwargs = dict(fx.node.map_aggregate(node.kwargs, sub))
-        if _constant_pad(node):  # padded positions are no token: id -2 (a class token is born -1)
+        if constant_pad(node):  # padded positions are no token: id -2 (a class token is born -1)
             args, kwargs = args[:2], {"value": _PAD_ID} if op_name(node) == "pad" else {}
             if op_name(node) == "constant_pad_nd":
                 args = (*args, _PAD_ID)
