@@ -105,8 +105,8 @@ class BudgetSolver:
 
     def solve(self, budget: float) -> Solution:
         g = len(self.names)
-        if budget >= 1.0:
-            ks = {name: int(self.n[i]) for i, name in enumerate(self.names)}
+        if budget >= 1.0:  # every position, padding included: buffers then return every token unrounded
+            ks = {name: self.cm.gates[name].num_tokens for name in self.names}
             return Solution(ks, set(), self.predict(ks), 0.0, True)
         limit = budget * self.dense_macs
         active = np.ones(g, dtype=bool)
@@ -165,7 +165,7 @@ def uniform_ks(cm: CostModel, budget: float) -> dict[str, int]:
         return {name: max(g.min_k, min(g.selectable, math.floor(f * g.selectable + 1e-9))) for name, g in gates.items()}
 
     if budget >= 1.0:
-        return ks(1.0)
+        return {name: g.num_tokens for name, g in gates.items()}
     lo, hi = 0.0, 1.0
     for _ in range(30):
         mid = (lo + hi) / 2
