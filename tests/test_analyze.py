@@ -42,7 +42,7 @@ CASES = {
     "vit_small": (lambda: timm.create_model("vit_small_patch16_224"), (1, 3, 224, 224), 12),
     "vit_base": (lambda: timm.create_model("vit_base_patch16_224"), (1, 3, 224, 224), 12),
     "deit_small": (lambda: timm.create_model("deit_small_patch16_224"), (1, 3, 224, 224), 12),
-    "samvit_base": (lambda: timm.create_model("samvit_base_patch16", img_size=448), (1, 3, 448, 448), 12),
+    "samvit_base": (lambda: timm.create_model("samvit_base_patch16", img_size=320), (1, 3, 320, 320), 12),  # padded windows
     "tv_vit_b_16": (lambda: torchvision.models.vit_b_16(weights=None), (1, 3, 224, 224), 12),
     "te_vit": (lambda: TransformerEncoderViT(), (1, 3, 64, 64), 2),
     "tiny_vit": (lambda: TinyViT(), (1, 3, 64, 64), 3),

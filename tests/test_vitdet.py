@@ -147,9 +147,9 @@ def test_plans_count_the_tokens_that_can_change(sam_and_clip):
     its padding still holds the pad's constant; after attention a padded position holds a padded query's
     output, which changes (cropped later, but it takes a token when selected)."""
     model, clip = sam_and_clip
-    for state_dtype in (None, torch.int8):  # a rounded state is exact only where every position is fresh
-        emodel = eventful_fx.compile(model, budget=1.0, calibration=None, state_dtype=state_dtype)
-        assert_matches_dense(emodel, model, clip, tol=1e-4)
+    # (float32 state: test_exact_at_one...) a rounded state is exact only where every position is fresh
+    emodel = eventful_fx.compile(model, budget=1.0, calibration=None, state_dtype=torch.int8)
+    assert_matches_dense(emodel, model, clip, tol=1e-4)
     emodel = eventful_fx.compile(model, budget=0.5, calibration=None)
     emodel(clip[:1])
     gates = emodel.decision.model.gates
