@@ -71,6 +71,10 @@ class SparseLinear(torch.nn.Module):
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if torch.compiler.is_compiling():  # one opaque op for Dynamo: the choice, packing and timing stay eager
             return kernel_linear(x, weight, bias, self.kernel)
+        return self.eager(x, weight, bias)
+
+    def eager(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The product on the kernel picked for these rows (what `kernel_linear` runs)."""
         if self.kernel == "torch" or not _onednn_usable(x, weight):
             return F.linear(x, weight, bias)
         if self.kernel == "onednn":
@@ -116,7 +120,9 @@ def kernel_linear(x: Tensor, weight: Tensor, bias: Tensor | None, kernel: str) -
     key = (weight.data_ptr(), tuple(weight.shape), weight.dtype, kernel)
     if key not in _compiled:
         _compiled[key] = SparseLinear(kernel)
-    return _compiled[key](x, weight, bias)
+    # `eager`, not the module's call: is_compiling() is process-wide, so while another thread exports
+    # a model it also reads True here, and forward would call this op again (RecursionError)
+    return _compiled[key].eager(x, weight, bias)
 
 
 @kernel_linear.register_fake
