@@ -114,6 +114,44 @@ def test_top_k_picks_largest_changes_and_updates_reference_there():
     assert 0 in idx[0].tolist()  # token 0's change is still pending against the reference
 
 
+@pytest.mark.parametrize("refresh", [True, False])
+@pytest.mark.parametrize("k", [8, 4])
+def test_a_gate_before_query_gated_attention_refreshes_its_stalest_tokens(k, refresh):
+    """Tokens 6..15 never change. Scores alone fill the slots the 6 changing tokens leave with the
+    same two static tokens (ties go to the lower index); a gate in front of query-gated attention
+    scores a skipped token's staleness too, so at k = 8 its 2 spare slots go round all 10 static
+    tokens in 5 frames. With fewer slots than changing tokens, the changes still come first."""
+    gate = TokenGate(TopK(k))
+    gate.refresh_stalest = refresh
+    x = torch.randn(2, 16, 3)
+    gate(x)
+    picked = set()
+    for step in range(1, 6):
+        moved = x.clone()
+        moved[:, :6] += step
+        idx, _ = gate(moved)
+        static = [set(row) - set(range(6)) for row in idx.tolist()]
+        assert all(len(s) == max(0, k - 6) for s in static)
+        picked |= static[0]
+    assert picked == (set() if k < 6 else set(range(6, 16)) if refresh else {6, 7})
+    ages = 2 * 16 * 4 if refresh else 0
+    assert gate.state_bytes() == 2 * 16 * 3 * 4 + 2 * 16 * 4 + ages  # reference, distances, ages
+
+
+def test_a_still_scene_builds_up_no_staleness():
+    """Staleness is the context motion a token missed, not frames waited: after 40 repeated frames
+    the tokens that then move are the ones recomputed (frames waited would have outscored them)."""
+    gate = TokenGate(TopK(8))
+    gate.refresh_stalest = True
+    x = torch.randn(1, 16, 3)
+    for _ in range(40):
+        gate(x)
+    moved = x.clone()
+    moved[:, :6] += 1.0  # tokens the repeated frames kept selecting (ties go to the lower index)
+    idx, _ = gate(moved)
+    assert set(range(6)) <= set(idx[0].tolist())
+
+
 def test_threshold_pads_ragged_streams():
     gate = TokenGate(Threshold(0.5))
     x = torch.randn(3, 6, 4)

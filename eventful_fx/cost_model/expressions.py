@@ -22,7 +22,8 @@ formulas are those the runtime ops count (`matmul_macs`, `overhead_macs`, `state
 Channel sizes enter as the integers the weights fix; token counts as symbols (`N`, or
 `N_<count>` when a graph has several token spaces) with their values in `values`; each
 gate's k as the symbol `k_<gate>`. Memory: a gate holds its input (B·N·C) and a distance
-per token (B·N, float32 or wider), a buffer its full value, incremental attention Q, K, V,
+per token (B·N, float32 or wider; in front of query-gated attention also the context motion
+each token missed, float32), a buffer its full value, incremental attention Q, K, V,
 exp(QKᵀ) (N² per head), U = E·V, row sums and stabilisers; all in bytes of the value's dtype
 (gates and buffers: of the state dtype, if one is set). Nothing here reads a tensor's values.
 """
@@ -397,6 +398,8 @@ class _Walk:
             self.sources[node] = frozenset([_MIXED])  # new keys and values reach every query's output
             return True
         self.cm.converted_sites[site.name] = "query"
+        if sum(self.cm.converted_sites.get(s) == "query" for s in g.sites) == 1:  # the context each token missed
+            self.memory(f"{gate}.missed", gate, g.batch * g.num_tokens, 4, self.B * self.tokens(g.num_tokens))
         self.full(k)
         self.full(v)
         expr = bh * ks * N * (d + dv)

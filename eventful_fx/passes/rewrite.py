@@ -371,6 +371,7 @@ class EventfulRewrite:
             self.env[node] = self.graph.call_module(name, (q_data, self.sparse[k][0], self.sparse[v][0], idx, mask, scale))
         else:
             self.modules[name] = QueryGatedAttention()
+            self.modules[self.region_of_idx[idx]].refresh_stalest = True  # the queries it skips keep old contexts
             out = self.graph.call_module(name, (q_data, self.full(k), self.full(v), idx, mask, scale),
                                          {"mask_rows_selected": rows_selected})
             self.sparse[node] = (out, idx, self.infos[node].layout)

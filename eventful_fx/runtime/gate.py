@@ -105,6 +105,26 @@ def _rank(score: Tensor) -> Tensor:
     return torch.sort(score, dim=1, descending=True, stable=True).indices
 
 
+# Weight of a skipped token's staleness in the score of a gate in front of query-gated attention.
+# A token the gate skips keeps its attention output, computed over the keys and values of the frame
+# it was last selected on; its own input score never sees that context move. Each frame moves the
+# context by the change the gate lets through, sum(||x - ref|| over the selected tokens) / N; a
+# token scores ||x - ref|| + w * (that motion summed over the frames since it was selected), with
+# w = STALENESS_WEIGHT once the gate updates half its tokens, falling to 0 at a quarter
+# (`staleness_weight`): where k is scarce it belongs to the tokens that changed. Static frames add
+# nothing, so a still scene does not build up staleness. ViT-B/224 at budget 0.5 (every gate k/N
+# ~ 1/2), all-token error: bikes 2.74% -> 2.2%, carphone (held out) 4.28% -> 4.0%, built-in clip
+# 9.96% -> 9.9%; logits no worse (benchmarks/RESULTS.md, "What was tried", for the weights and
+# forms measured).
+STALENESS_WEIGHT, STALENESS_FROM, STALENESS_FULL = 0.1, 0.25, 0.5
+
+
+def staleness_weight(count: int, num_tokens: int) -> float:
+    """w of the staleness term for a gate keeping `count` of `num_tokens` tokens (see STALENESS_WEIGHT)."""
+    ramp = (count / num_tokens - STALENESS_FROM) / (STALENESS_FULL - STALENESS_FROM)
+    return STALENESS_WEIGHT * min(1.0, max(0.0, ramp))
+
+
 class TokenGate(StatefulOp):
     """Selects, per stream, the tokens whose distance to the reference is largest.
 
@@ -127,6 +147,10 @@ class TokenGate(StatefulOp):
     the reference in another dtype (float16 halves it); x is rounded to it before scoring,
     so an unchanged token scores 0 whatever the dtype; scores are float32 or wider. int8 keeps a
     float32 scale per token beside the reference (`encode_tokens`).
+
+    `refresh_stalest` (set by the rewrite on gates in front of query-gated attention) keeps
+    per token the context motion it has missed since it was last selected, and under top-k
+    adds it to its score (`STALENESS_WEIGHT`) when k is more than a quarter of the tokens.
     """
 
     def __init__(self, policy: Policy, always: Sequence[int] = (), state_dtype: torch.dtype | None = None,
@@ -145,25 +169,28 @@ class TokenGate(StatefulOp):
         self._ref: Tensor | None = None
         self._ref_scale: Tensor | None = None  # [B, N] per-token scales of an int8 reference
         self._score: Tensor | None = None  # distance of the last call's input to the reference, per token
+        self.refresh_stalest = False
+        self._missed: Tensor | None = None  # [B, N] float32: context motion since each token was selected
         self._scored = 0
         self._pending_flush: set[int] = set()
 
     def reset(self, streams: Sequence[int] | None = None) -> None:
         if streams is None:
-            self._ref = self._ref_scale = self._score = None
+            self._ref = self._ref_scale = self._score = self._missed = None
             self._pending_flush.clear()
         else:
             self._pending_flush.update(int(s) for s in streams)
 
     def state_bytes(self) -> int:
-        return tensor_bytes(self._ref, self._ref_scale, self._score)
+        return tensor_bytes(self._ref, self._ref_scale, self._score, self._missed)
 
     def stream_state(self) -> dict:
-        return {"ref": self._ref, "ref_scale": self._ref_scale, "score": self._score,
+        return {"ref": self._ref, "ref_scale": self._ref_scale, "score": self._score, "missed": self._missed,
                 "pending_flush": sorted(self._pending_flush)}
 
     def load_stream_state(self, state: dict) -> None:
         self._ref, self._ref_scale, self._score = state["ref"], state.get("ref_scale"), state["score"]
+        self._missed = state.get("missed")
         self._pending_flush = set(state["pending_flush"])
 
     def forward(self, x: Tensor, changed: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -189,6 +216,9 @@ class TokenGate(StatefulOp):
             score = distance.index_copy(1, self._always_idx,
                                         torch.where(moved, math.inf, distance.index_select(1, self._always_idx)))
         count = self.policy.count(num_tokens)
+        weight = staleness_weight(count, num_tokens) if self._missed is not None and count is not None else 0.0
+        if weight:
+            score = score + weight * self._missed
         if count is None:
             chosen = score > self.policy.threshold
             if flush is not None:
@@ -244,10 +274,12 @@ class TokenGate(StatefulOp):
             if scale is not None:
                 scale.view(-1).index_copy_(0, flat_idx, data_scale[0])
         kept = distance[:, 0].clone() if any_empty else None
+        pending = distance.sum(1, keepdim=True) if self._missed is not None else None
         distance.scatter_(1, idx, 0.0)
         if any_empty:  # token 0 of an empty stream kept its old reference, and its distance
             distance[:, 0] = torch.where(counts == 0, kept, distance[:, 0])
-
+        if pending is not None:  # the change written this frame (each selected token once), per token
+            self._missed.add_((pending - distance.sum(1, keepdim=True)) / num_tokens).scatter_(1, idx, 0.0)
         self.overhead_macs = self._scoring_macs(batch, num_tokens, channels) + 2 * batch * k_call * channels
         self.last_idx = idx
         return idx, selected.view(batch, k_call, *x.shape[2:])
@@ -295,8 +327,9 @@ class TokenGate(StatefulOp):
         # a candidate that is not closer moves onto itself (a no-op copy): no second host sync to filter it out
         frm, closer = torch.where(better, frm, to), torch.where(better, closer, own_distance)
         move_rows(stored.view(batch * num_tokens, -1), (to, frm), num_tokens)
-        if self._ref_scale is not None:
-            move_rows(self._ref_scale.view(-1), (to, frm), num_tokens)
+        for per_token in (self._ref_scale, self._missed):
+            if per_token is not None:
+                move_rows(per_token.view(-1), (to, frm), num_tokens)
         distance.view(-1).index_copy_(0, to, closer)
         self.moves = (to, frm)
         return distance
@@ -310,6 +343,8 @@ class TokenGate(StatefulOp):
         if self.always:  # made here, with the state, so that incremental frames find it (no recompile)
             self._always_idx = torch.tensor(self.always, device=x.device)
         self._score = torch.zeros(batch, num_tokens, dtype=score_dtype(x.dtype, self._ref.dtype), device=x.device)
+        self._missed = torch.zeros(batch, num_tokens, dtype=torch.float32, device=x.device) \
+            if self.refresh_stalest else None
         self.last_counts = num_tokens
         self.overhead_macs = x.numel()
         idx = self.last_idx = torch.arange(num_tokens, device=x.device).expand(batch, num_tokens)
