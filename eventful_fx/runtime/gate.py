@@ -274,7 +274,8 @@ class TokenGate(StatefulOp):
             if scale is not None:
                 scale.view(-1).index_copy_(0, flat_idx, data_scale[0])
         kept = distance[:, 0].clone() if any_empty else None
-        pending = distance.sum(1, keepdim=True) if self._missed is not None else None
+        # under a threshold the staleness term is never read: no bookkeeping per frame for it
+        pending = distance.sum(1, keepdim=True) if self._missed is not None and count is not None else None
         distance.scatter_(1, idx, 0.0)
         if any_empty:  # token 0 of an empty stream kept its old reference, and its distance
             distance[:, 0] = torch.where(counts == 0, kept, distance[:, 0])
