@@ -39,7 +39,8 @@ class Decision:
     state_bytes: int
     objective: float
     feasible: bool                 # the budget can be met at all (else: every gate at its least k)
-    predicted_error: float | None = None  # squared relative output error, from a calibration's fit
+    predicted_error: float | None = None  # squared relative output error, from a calibration's fit (with
+    #                                       several calibration clips: summed over them, each over the base plan's)
 
     @property
     def key(self):
