@@ -88,8 +88,8 @@ def test_fidelity_improves_with_budget(clip):
     with torch.no_grad():
         dense = [model(f[None]) for f in clip]
     errors = {}
-    for budget in (0.1, 0.25, 0.5, 1.0):
-        emodel = eventful_fx.compile(model, budget=budget)
+    for budget in (0.1, 0.25, 0.5, 1.0):  # the calibrated default's error is test_fidelity.py's subject
+        emodel = eventful_fx.compile(model, budget=budget, calibration=None)
         errors[budget] = sum(rel_err(emodel(f[None]), d) for f, d in zip(clip, dense)) / len(clip)
     print("mean relative error over the clip by budget:", errors)
     assert errors[0.1] > errors[0.25] > errors[0.5] > errors[1.0]
