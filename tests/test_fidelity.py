@@ -6,7 +6,6 @@ accuracy fails here. Each compares the eventful model with the dense model, fram
 """
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from eventful_fx.zoo import Tokens
 from helpers import rel_err
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_fidelity import original_at  # noqa: E402
 from original_tokenwise import OriginalTokenwise, mac_fraction  # noqa: E402
 
 MARGIN = 1.15
@@ -78,9 +78,8 @@ def original_error_at(vit, frames, macs: float) -> float:
     for k in (n // 4, n // 8):
         ref = OriginalTokenwise(vit, k)
         errs = [rel_err(ref(f[None])[0], d) for f, d in zip(frames, dense)][1:]
-        points.append((mac_fraction(vit, n, k), math.log(sum(errs) / len(errs))))
-    (x0, y0), (x1, y1) = points
-    return math.exp(y0 + (y1 - y0) * (macs - x0) / (x1 - x0))
+        points.append({"macs": mac_fraction(vit, n, k), "tokens": sum(errs) / len(errs)})
+    return original_at(points, "tokens", macs)
 
 
 @pytest.mark.slow
