@@ -156,3 +156,24 @@ def test_plans_count_the_tokens_that_can_change(sam_and_clip):
     windowed = [g for g in gates.values() if g.num_tokens == 784]
     assert sorted(g.selectable for g in windowed) == [400, 400, 784, 784]
     assert all(k <= gates[name].selectable for name, k in emodel.decision.ks.items())
+
+
+def test_windows_of_several_streams_convert_and_stay_per_stream(sam_and_clip):
+    """A window partition folds each stream's windows into the batch axis ([B * windows, ws, ws, C]). With
+    two streams that axis was read as tokens mixed with the batch: every windowed qkv stayed dense (0.74
+    convertible, budget 0.25 infeasible). Each stream's output must still be its own single-stream run."""
+    model, clip = sam_and_clip
+    other = builtin_clip(size=SIZE, max_frames=3, name="real")
+    both = torch.stack([clip, other], dim=1)  # [T, 2, 3, H, W]
+    report = eventful_fx.analyze(model, both[0], budget=0.25)
+    assert report.convertible_linear_count == report.linear_count == 16
+    assert report.plan.fraction <= 0.26
+    assert_matches_dense(eventful_fx.compile(model, budget=1.0, calibration=None), model, both, tol=1e-4)
+    paired = eventful_fx.compile(model, budget=0.25, calibration=None)
+    alone = [eventful_fx.compile(model, budget=0.25, calibration=None) for _ in range(2)]
+    with torch.no_grad():
+        for frame in both:
+            out = paired(frame)
+            for stream, single in enumerate(alone):
+                assert (out[stream] - single(frame[stream:stream + 1])[0]).abs().max() < 1e-4
+    assert 0 < paired.stats.fraction <= 0.27

@@ -265,8 +265,8 @@ class _Walk:
         self.buffered.add(node)
         gate, layout = self.sparse[node]
         shape = tensor_shape(node)
-        t0, t1 = layout.dims[0], layout.dims[-1] + 1
-        n = math.prod(shape[t0:t1])
+        t0 = layout.dims[0]
+        n = layout.num_tokens  # one stream's (a layout may fold the streams into its token run)
         per_token = math.prod(shape) // n
         k = self.cm.k[gate]
         self.add("buffer", f"buf_{node.name}", gate, 0, per_token, per_token * k)
@@ -275,7 +275,7 @@ class _Walk:
         if self.state_dtype is not None and self.state_dtype != _dtype(node):  # returns a converted copy
             self.add("buffer", f"buf_{node.name}.convert", gate, per_token * n, 0, per_token * self.tokens(n))
         if self.state_dtype == torch.int8:  # a float32 scale per token and row (`encode_tokens`)
-            rows = math.prod(shape[:t0])
+            rows = math.prod(shape[:t0]) * layout.folded
             self.memory(f"buf_{node.name}.scale", gate, rows * n, 4, rows * self.tokens(n))
         self.memory(f"buf_{node.name}", gate, math.prod(shape), self.state_size or _dtype(node).itemsize,
                     per_token * self.tokens(n))
@@ -289,8 +289,7 @@ class _Walk:
             return gate
         layout = self.infos[root].layout
         shape = tensor_shape(root)
-        t0, t1 = layout.dims[0], layout.dims[-1] + 1
-        n = math.prod(shape[t0:t1])
+        n = layout.num_tokens
         channels = math.prod(shape) // (self.batch * n)
         name = region.name
         sources = self.sources.get(root, frozenset([_MIXED]))

@@ -40,11 +40,11 @@ class RegionGate(TokenGate):
     """A token gate reading a region's root in its own layout (token run `t0:t1` of `shape`)."""
 
     def __init__(self, policy: Policy, shape: tuple[int, ...], t0: int, t1: int, batch: int, always=(),
-                 state_dtype: torch.dtype | None = None, neighbours: torch.Tensor | None = None):
+                 state_dtype: torch.dtype | None = None, neighbours: torch.Tensor | None = None, folded: int = 1):
         super().__init__(policy, always, state_dtype, neighbours)
-        self.shape, self.t0, self.t1, self.batch = shape, t0, t1, batch
-        self.num_tokens = math.prod(shape[t0:t1])
-        self.per_stream = math.prod(shape[:t0]) // batch  # prefix rows of one stream (1 unless heads)
+        self.shape, self.t0, self.t1, self.batch, self.folded = shape, t0, t1, batch, folded
+        self.num_tokens = math.prod(shape[t0:t1]) // folded  # `TokenLayout.folded`: streams on the run's first axis
+        self.per_stream = math.prod(shape[:t0]) * folded // batch  # prefix rows of one stream (1 unless heads)
         self.channels = math.prod(shape[t1:])
         self.last_k = self.num_tokens
 
@@ -57,20 +57,21 @@ class RegionGate(TokenGate):
         self.last_k = k
         if per_stream > 1:
             selected = selected.reshape(self.batch, k, per_stream, channels).movedim(1, 2)
-        return idx, selected.reshape(*self.shape[: self.t0], k, *self.shape[self.t1:]), self.moves
+        return idx, selected.reshape(*self.shape[: self.t0], self.folded * k, *self.shape[self.t1:]), self.moves
 
 
 class RegionBuffer(TokenBuffer):
     """A token buffer holding a region value in its own layout: writes the k fresh tokens, returns the full value."""
 
     def __init__(self, shape: tuple[int, ...], t0: int, t1: int, state_dtype: torch.dtype | None = None,
-                 neighbour_reuse: bool = False):
-        super().__init__(math.prod(shape[t0:t1]), state_dtype, neighbour_reuse)
-        self.shape, self.t0 = shape, t0
-        self.rows, self.channels = math.prod(shape[:t0]), math.prod(shape[t1:])
+                 neighbour_reuse: bool = False, folded: int = 1):
+        super().__init__(math.prod(shape[t0:t1]) // folded, state_dtype, neighbour_reuse)
+        self.shape, self.t0, self.folded = shape, t0, folded
+        self.rows, self.channels = math.prod(shape[:t0]) * folded, math.prod(shape[t1:])
 
     def forward(self, fresh: torch.Tensor, idx: torch.Tensor, moves=None) -> torch.Tensor:
-        return super().forward(fresh.reshape(self.rows, fresh.shape[self.t0], self.channels), idx, moves).view(self.shape)
+        k = fresh.shape[self.t0] // self.folded
+        return super().forward(fresh.reshape(self.rows, k, self.channels), idx, moves).view(self.shape)
 
 
 def _collapse_dim(d: int, layout: TokenLayout, ndim: int) -> int:
@@ -150,7 +151,7 @@ class EventfulRewrite:
         shape = tensor_shape(node)
         moves = self.moves_of_idx.get(idx)
         self.modules[name] = RegionBuffer(shape, layout.dims[0], layout.dims[-1] + 1, self.state_dtype,
-                                          neighbour_reuse=moves is not None)
+                                          neighbour_reuse=moves is not None, folded=layout.folded)
         self.env[node] = self.graph.call_module(name, (data, idx) if moves is None else (data, idx, moves))
         return self.env[node]
 
@@ -199,7 +200,7 @@ class EventfulRewrite:
         shape = tensor_shape(root)
         self.modules[name] = RegionGate(self.plan.gates[name], shape, layout.dims[0], layout.dims[-1] + 1,
                                         self.batch, always=layout.extra, state_dtype=self.state_dtype,
-                                        neighbours=region.neighbours)
+                                        neighbours=region.neighbours, folded=layout.folded)
         self.modules[name].grid, self.modules[name].grid_index = region.grid, region.grid_index
         # a root restored by a buffer differs from the last frame only at the tokens written into it
         # (unless its gate moves rows: then anywhere)
@@ -237,11 +238,11 @@ class EventfulRewrite:
         kwargs = dict(fx.node.map_aggregate(node.kwargs, lambda a: arg(a) if isinstance(a, fx.Node) else a))
         out_layout = info.layout
         if kind == ops.RESHAPE:
-            new = self.graph.call_function(torch.reshape, (args[0], _collapsed_shape(tensor_shape(node), out_layout,
-                                                                                     self._k(idx))))
+            new = self.graph.call_function(torch.reshape, (args[0], _collapsed_shape(
+                tensor_shape(node), out_layout, self._k(idx, out_layout.folded))))
         elif kind == ops.EXPAND:
-            new = self.graph.call_method("expand", (args[0], *_collapsed_shape(tensor_shape(node), out_layout,
-                                                                                 self._k(idx))))
+            new = self.graph.call_method("expand", (args[0], *_collapsed_shape(
+                tensor_shape(node), out_layout, self._k(idx, out_layout.folded))))
         elif kind == ops.PERMUTE:
             perm = _permutation(node, in_shape)
             kept = [o for o in range(len(perm)) if o not in out_layout.dims[1:]]
@@ -320,11 +321,15 @@ class EventfulRewrite:
             new = self.graph.call_function(torch.reshape, (new, [*out_shape[:o0], k, *out_shape[o0 + len(run):]]))
         return new
 
-    def _k(self, idx: fx.Node) -> fx.Node:
-        """The region's token count on this frame, as a graph value."""
+    def _k(self, idx: fx.Node, folded: int = 1) -> fx.Node:
+        """The region's token count on this frame, as a graph value (times the streams a layout folds in)."""
         if idx not in self.k_nodes:
             self.k_nodes[idx] = self.graph.call_method("size", (idx, 1))
-        return self.k_nodes[idx]
+        if folded == 1:
+            return self.k_nodes[idx]
+        if (idx, folded) not in self.k_nodes:
+            self.k_nodes[(idx, folded)] = self.graph.call_function(operator.mul, (self.k_nodes[idx], folded))
+        return self.k_nodes[(idx, folded)]
 
     def _constant(self, a: fx.Node, user: fx.Node, idx: fx.Node) -> fx.Node:
         """A non-token operand of a sparse node: gathered if it holds one value per token."""

@@ -31,7 +31,11 @@ class TokenLayout:
     num_tokens: int            # distinct tokens in the value
     clean: bool                # token axes are consecutive and hold nothing but tokens
     stream_major: bool         # axes before the tokens hold the stream (batch) outermost: bufferable
-    order: torch.Tensor = field(compare=False, repr=False)  # token ids along the run of token axes
+    order: torch.Tensor = field(compare=False, repr=False)  # one stream's token ids along the run of token axes
+    # streams folded into the first token axis, outermost (windows partitioned into the batch axis: axis 0
+    # of [B * windows, h, w, C] holds stream b's windows at b * windows...): the run holds `folded` copies
+    # of the stream's tokens, and a sparse value carries folded * k positions there
+    folded: int = 1
 
     @property
     def padding(self) -> int:
@@ -98,7 +102,7 @@ def _other_ids(shape: tuple[int, ...], dims: tuple[int, ...], streams: torch.Ten
 
 
 def _layout(tok: torch.Tensor, oth: torch.Tensor) -> TokenLayout | None:
-    dims, mixed = [], False
+    dims, mixed, folded = [], False, 1
     padded = bool((tok < 0).any())
     for d in range(tok.ndim):
         n = tok.shape[d]
@@ -108,21 +112,43 @@ def _layout(tok: torch.Tensor, oth: torch.Tensor) -> TokenLayout | None:
         steps = later != earlier
         if not bool(steps.any()):
             continue
-        dims.append(d)
         other_steps = oth.narrow(d, 1, n - 1) != oth.narrow(d, 0, n - 1)
         if padded:  # padding (token id -2) has no channel ids of its own: leave it out of the mixing test
             other_steps &= (later >= 0) & (earlier >= 0)
-        mixed |= bool(other_steps.any())
+        if bool(other_steps.any()):
+            if not dims and not padded:
+                folded = _folded_streams(tok, oth, d)
+            mixed |= folded == 1
+        dims.append(d)
     if not dims:
         return None
     consecutive = dims == list(range(dims[0], dims[-1] + 1))
     first = tok[tuple(slice(None) if d in dims else 0 for d in range(tok.ndim))].reshape(-1)
-    num_tokens = math.prod(tok.shape[d] for d in dims)
+    num_tokens = math.prod(tok.shape[d] for d in dims) // folded
     # a token subset is carried as [prefix, k, suffix]: streams must be the outer part of the prefix
     streams = torch.floor(oth[tuple(slice(None) if d < dims[0] else 0 for d in range(tok.ndim))] / _STREAM)
     suffix_streams = torch.floor(oth[tuple(0 if d < dims[0] else slice(None) for d in range(tok.ndim))] / _STREAM)
-    stream_major = bool((streams.reshape(-1).diff() >= 0).all()) and bool((suffix_streams == suffix_streams.reshape(-1)[0]).all())
-    return TokenLayout(tuple(dims), num_tokens, consecutive and not mixed, stream_major, first)
+    stream_major = folded > 1 or (bool((streams.reshape(-1).diff() >= 0).all())
+                                  and bool((suffix_streams == suffix_streams.reshape(-1)[0]).all()))
+    return TokenLayout(tuple(dims), num_tokens, consecutive and not mixed, stream_major, first[:num_tokens], folded)
+
+
+def _folded_streams(tok: torch.Tensor, oth: torch.Tensor, d: int) -> int:
+    """How many streams axis d holds outermost, each with the same tokens in the same order; 1 if it mixes
+    tokens with anything else. (A window partition moves windows into the batch axis: [B * windows, ...].)"""
+    streams = torch.floor(oth / _STREAM)
+    rest = oth - streams * _STREAM
+    count, n = len(torch.unique(streams)), tok.shape[d]
+    if count < 2 or n % count:
+        return 1
+    along_d = streams[tuple(slice(None) if a == d else slice(0, 1) for a in range(tok.ndim))]
+    blocks = [t.unflatten(d, (count, n // count)) for t in (along_d, tok, rest)]
+    outer, inner = (lambda t: t.narrow(d, 0, 1)), (lambda t: t.narrow(d + 1, 0, 1))
+    s, t, r = blocks
+    ok = bool((streams == along_d).all()) and bool((s == inner(s)).all()) \
+        and bool((s.narrow(d, 1, count - 1) > s.narrow(d, 0, count - 1)).all()) \
+        and bool((t == outer(t)).all()) and bool((r == inner(r)).all())  # (rest may hold the batch index)
+    return count if ok else 1
 
 
 def _same_tokens(layout: TokenLayout, inputs: list) -> bool:
@@ -295,9 +321,11 @@ class TokenAnalysis:
         grows = layout.num_tokens > max((x.num_tokens for x in in_layouts if x), default=0)
         if layout.clean:
             # padding has no stream of its own: it belongs to the stream of its token run
-            streams = torch.floor(oth / _STREAM).masked_fill(tok == _PAD_ID, -math.inf).amax(
-                dim=layout.dims, keepdim=True).expand(tok.shape)
-            fresh = _ids(tuple(tok.shape), layout.dims, True)
+            streams = torch.floor(oth / _STREAM)
+            if layout.folded == 1:
+                streams = streams.masked_fill(tok == _PAD_ID, -math.inf).amax(dim=layout.dims, keepdim=True) \
+                    .expand(tok.shape)
+            fresh = _ids(tuple(tok.shape), layout.dims, True) % layout.num_tokens
             extra, padding = (tok == -1) | (tok >= _EXTRA), (tok == _PAD_ID) | ((tok >= _PADDING) & (tok < _EXTRA))
             layout = self._set(node, torch.where(extra, fresh + _EXTRA, torch.where(padding, fresh + _PADDING, fresh)),
                                _other_ids(tuple(tok.shape), layout.dims, streams))
@@ -338,6 +366,8 @@ class TokenAnalysis:
                 const_dims = tuple(d - (r - len(shape)) for d in dims if d - (r - len(shape)) >= 0)
                 if any(shape[d] > 1 for d in const_dims):
                     per_token[i] = const_dims
+        if reason is None and per_token and layout.folded > 1:
+            reason = "a per-token constant on tokens whose axis also holds the streams"
         return NodeInfo(kind, layout=layout, tokenwise=reason is None, macs=macs, reason=reason, per_token_args=per_token)
 
     def _broadcast_ids(self, source: fx.Node, out_shape):
@@ -425,6 +455,8 @@ class TokenAnalysis:
             reason = "an einsum reorders the token axes"
         if per_token and out[:out.index(labels[0])] != term[:layout.dims[0]]:
             reason = "an einsum with a per-token table changes the axes before the tokens"
+        if per_token and layout.folded > 1:
+            reason = "a per-token table on tokens whose axis also holds the streams"
         if reason is None and not (layout.clean and layout_out is not None and layout_out.clean):
             reason = "mixes token axes with batch or channel axes"
         return NodeInfo(ops.EINSUM, layout=layout_out, tokenwise=reason is None, macs=macs, reason=reason,
@@ -440,7 +472,7 @@ class TokenAnalysis:
         reason = None
         if any(x is None or not x.clean for x in layouts):
             reason = "q, k or v mixes tokens with other axes (for example window partitions)"
-        elif any(x.dims != (len(tensor_shape(a)) - 2,) for a, x in zip((q, k, v), layouts)):
+        elif any(x.dims != (len(tensor_shape(a)) - 2,) or x.folded > 1 for a, x in zip((q, k, v), layouts)):
             reason = "tokens are not on axis -2 of q, k, v"
         elif isinstance(mask, fx.Node) and self.infos[mask].carries_tokens and not _rows_follow(
                 self.infos[mask].layout, tensor_shape(mask), layouts[0]):
