@@ -272,7 +272,7 @@ def analyze_graph(gm: fx.GraphModule, *, name: str = "graph", input_shapes: list
     member_of = {n: r for r in regions for n in r.nodes}
     macs_of_region = {r.name: region_macs(r, infos) for r in regions}
     site_of = {s.node: s for s in sites}
-    site_ok = {s.node: s.reason is None and s.q in member_of for s in sites}
+    site_ok = {s.node: s.name in cost.converted_sites for s in sites}
     after_tokens = _after_tokens(gm, infos)
 
     rows, linear_count, convertible_linears = [], 0, 0

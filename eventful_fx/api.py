@@ -21,6 +21,7 @@ import hashlib
 import math
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -56,8 +57,16 @@ class FrameStats:
         return self.macs / self.dense_macs if self.dense_macs else 1.0
 
 
+# tensors returned by eventful graphs of `torch.compile`'s backend, with their token ids: Dynamo cuts a model
+# where it cannot trace (a value read into numpy), and the graph after the cut reads the tokens the graph
+# before it returned, with no patch embedding of its own to find them from (`TokenAnalysis` seeds)
+_TOKEN_OUTPUTS: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
+
+
 class EventfulModule(torch.nn.Module):
     """A model that recomputes, frame after frame, only the tokens that changed."""
+
+    seed_from_outputs = False  # the backend's modules: inputs returned by another eventful graph carry tokens
 
     def __init__(self, model: torch.nn.Module, budget: float = 0.25, *, policy: str = "topk",
                  threshold: float = 0.1, attention: str = "query", refresh: int | None = None,
@@ -123,6 +132,7 @@ class EventfulModule(torch.nn.Module):
         self._parts_generation = -1
         self._warned_inference_only = False
         self._params_require_grad = False
+        self._output_ids: list | None = None
 
     # -- public ---------------------------------------------------------------------------
     @property
@@ -223,6 +233,11 @@ class EventfulModule(torch.nn.Module):
                 raise
         self._frames_since_flush += 1
         self._update_stats(flush)
+        if self._output_ids:
+            tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            for tensor, ids in zip(tensors, self._output_ids):
+                if ids is not None:
+                    _TOKEN_OUTPUTS[tensor] = ids
         return out
 
     # -- saving and copying ---------------------------------------------------------------
@@ -294,7 +309,13 @@ class EventfulModule(torch.nn.Module):
     @torch.compiler.disable  # under torch.compile: capture, analysis and planning run eagerly, once
     def _build(self, args: tuple, kwargs: dict, calibrations: dict | None = None) -> None:
         gm = FuseExplicitAttention().call(capture(self.model, tuple(args), kwargs))
-        infos = TokenAnalysis(gm).run()
+        seeds = None
+        if self.seed_from_outputs:
+            seeds = {i: _TOKEN_OUTPUTS[x] for i, x in enumerate(pytree.tree_leaves((tuple(args), kwargs)))
+                     if isinstance(x, torch.Tensor) and x in _TOKEN_OUTPUTS}
+        analysis = TokenAnalysis(gm, seeds)
+        infos = analysis.run()
+        self._output_ids = analysis.output_ids if self.seed_from_outputs else None
         regions, sites = find_regions(gm, infos, dense_residual=self.dense_residual)
         attach_neighbours(gm, infos, regions, sites, self.attention, MATCH_RADIUS if self.neighbour_reuse else 0)
         leaves, spec = pytree.tree_flatten((tuple(args), kwargs))

@@ -28,6 +28,7 @@ def backend(budget: float = 0.25, **options):
     def compile_graph(gm: torch.fx.GraphModule, example_inputs):
         gm.eval()  # a fresh GraphModule says "training"; Dynamo traced the model in its own mode
         emodel = EventfulModule(gm, budget, **options)
+        emodel.seed_from_outputs = True  # a graph after a graph break reads tokens an earlier graph returned
         _modules.add(emodel)
         return emodel
     return compile_graph

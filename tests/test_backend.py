@@ -64,3 +64,31 @@ def test_backend_name_resolves_without_importing_eventful_fx_and_takes_options(t
     assert out.returncode == 0, out.stderr[-2000:]
     first, last, budget, fraction = map(float, out.stdout.split()[-4:])
     assert first <= 1e-5 and 0 < last and budget == 0.5 and fraction <= 0.52
+
+
+def test_graphs_after_a_graph_break_convert():
+    """Dynamo cuts a model where forward reads values into numpy: the graph after the cut starts from the
+    tokens the first graph returned, with no patch embedding to find them from, and converted nothing.
+    Those tokens now carry their layout from the graph that returned them."""
+    from eventful_fx.backend import compiled_modules
+    from test_capture import NumpyViT
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = NumpyViT().eval()
+    clip = torch.nn.functional.interpolate(builtin_clip(size=224, max_frames=6), size=64)
+    compiled = torch.compile(model, backend=eventful_fx.backend(budget=0.25, calibration=None))
+    exact = torch.compile(NumpyViT().eval(), backend=eventful_fx.backend(budget=1.0, calibration=None))
+    exact._orig_mod.load_state_dict(model.state_dict())
+    errors = []
+    with torch.no_grad():
+        for frame in clip:
+            dense = model(frame[None])
+            assert rel_err(exact(frame[None]), dense) <= 1e-4
+            errors.append(rel_err(compiled(frame[None]), dense))
+    blocks = [m for m in compiled_modules() if m.budget == 0.25 and m.stats.dense_macs and m._output_ids is not None
+              and m.decision is not None and m.decision.ks]
+    assert blocks, "no graph after the break converted"
+    last = max(blocks, key=lambda m: m.stats.dense_macs)
+    assert last.stats.macs <= 0.35 * last.stats.dense_macs  # the blocks, after the cut, run on a quarter
+    assert errors[-1] < 0.5

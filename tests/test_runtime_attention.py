@@ -159,3 +159,48 @@ def test_unsupported_arguments_raise_clearly():
             op(*args, is_causal=True)
     with pytest.raises(ValueError, match="all 4 tokens"):
         IncrementalAttention(4)(q[:, :, :2], q[:, :, :2], q[:, :, :2], idx[:, :2])
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+@pytest.mark.parametrize("bias", ["per_row", "shared", None])
+def test_row_gated_windows_equal_a_per_window_reference(streams, bias):
+    """Windowed attention as SAM spells it: q [streams * windows * heads, n, d], each batch entry one
+    window's head. The selected tokens' rows equal softmax(q kᵀ·s + bias) v over their own window only;
+    every other row keeps the output it had."""
+    from eventful_fx.runtime import RowGatedAttention
+
+    torch.manual_seed(0)
+    windows, heads, n, d = 3, 2, 5, 4
+    entries = streams * windows * heads
+    rows_per_stream = windows * heads * n
+
+    def inputs():
+        q, k, v = (torch.randn(entries, n, d) for _ in range(3))
+        mask = {"per_row": torch.randn(entries, n, n), "shared": torch.randn(heads, 1, n, n).expand(
+            heads, windows, n, n).reshape(1, windows * heads, n, n)[0].repeat(streams, 1, 1), None: None}[bias]
+        return q, k, v, mask
+
+    def reference(q, k, v, mask):  # window by window, written out
+        out = torch.empty_like(q)
+        for e in range(entries):
+            logits = q[e] @ k[e].T / d ** 0.5 + (0 if mask is None else mask[e])
+            out[e] = logits.softmax(-1) @ v[e]
+        return out
+
+    # token t (window w, position p) of a stream has rows (w * heads + h) * n + p, one per head
+    rows_of = torch.tensor([[(w * heads + h) * n + p for h in range(heads)] for w in range(windows) for p in range(n)])
+    attn = RowGatedAttention(rows_of)
+    first = inputs()
+    kept = attn(*first[:3], torch.arange(windows * n).expand(streams, -1), first[3]).clone()
+    assert rel_err(kept, reference(*first)) < 1e-6
+    second = inputs()
+    idx = torch.tensor([[0, 7, 8, 14], [3, 4, 5, 9]])[:streams]  # window 0 and 1 and 2; stream 1 other tokens
+    out = attn(*second[:3], idx, second[3])
+    fresh = reference(*second)
+    selected = torch.zeros(streams * rows_per_stream, dtype=torch.bool)
+    for b in range(streams):
+        selected[rows_of[idx[b]].flatten() + b * rows_per_stream] = True
+    out, fresh, kept = (t.reshape(-1, d) for t in (out, fresh, kept))
+    assert (out[selected] - fresh[selected]).abs().max() < 1e-5
+    assert torch.equal(out[~selected], kept[~selected])
+    assert attn.matmul_macs < entries * n * n * 2 * d  # not every row recomputed

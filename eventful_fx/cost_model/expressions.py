@@ -41,8 +41,10 @@ import torch.fx as fx
 from ..passes import ops
 from ..passes.ops import node_value, op_kind, tensor_shape
 from ..passes.regions import AttentionSite, Region
-from ..passes.rewrite import gateable_sdpa_args, joinable, runs_incremental
+from ..passes.rewrite import changed_tokens, follow_changes, gateable_sdpa_args, joinable, row_gated_args, \
+    runs_incremental
 from ..passes.tokens import NodeInfo, constant_pad
+from ..runtime.attention import ROW_CHUNK
 from ..runtime.gate import SKETCH_DIM, score_dtype
 
 _MIXED = "<mixed>"  # changes from the input frame or a token-mixing node: anywhere
@@ -212,6 +214,8 @@ class _Walk:
         self.sparse: dict[fx.Node, tuple[str, object]] = {}  # node -> (gate, layout)
         self.buffered: set[fx.Node] = set()
         self.joined: set[fx.Node] = set()
+        self.changed_at: dict[fx.Node, tuple] = {}  # node read in full -> (gate, ids) where it changed
+        self.static: set[fx.Node] = set()
         self.sources: dict[fx.Node, frozenset] = {}  # node -> gates (or _MIXED) its changes come from
         self.B = sympy.Integer(batch)
         # token counts of the gates' roots become symbols; the most common one is `N`
@@ -264,6 +268,8 @@ class _Walk:
             return
         self.buffered.add(node)
         gate, layout = self.sparse[node]
+        if gate not in self.reusing and layout is not None:
+            self.changed_at[node] = (gate, layout.order)
         shape = tensor_shape(node)
         t0 = layout.dims[0]
         n = layout.num_tokens  # one stream's (a layout may fold the streams into its token run)
@@ -298,8 +304,8 @@ class _Walk:
                                    padding=layout.padding if _padding_is_constant(root, self.infos) else 0)
         k = self.cm.k[name] = sympy.Symbol(f"k_{name}", nonnegative=True, integer=True)
         N, C, B = self.tokens(n), sympy.Integer(channels), self.B
-        upstream = self.sparse[root][0] if root in self.sparse else None
         self.full(root)
+        upstream = changed_tokens(root, layout, self.changed_at)
         self.add("gate", name, name, 0, 2 * self.batch * channels, 2 * B * C * k)
         if name in self.reusing:  # neighbour reuse: distances, projections, candidates, check and moves, all N
             per_token = 3 * channels + self.reusing[name] * min(SKETCH_DIM, channels)
@@ -324,6 +330,8 @@ class _Walk:
         for node in self.gm.graph.nodes:
             if node.op in ("placeholder", "get_attr"):
                 self.sources[node] = frozenset([_MIXED]) if node.op == "placeholder" else frozenset()
+                if node.op == "get_attr":
+                    self.static.add(node)
                 continue
             cm.dense_node_macs[node.name] = self.dense_expr(node)
             cm.dense_macs += int(self.infos[node].macs)
@@ -358,6 +366,7 @@ class _Walk:
             cm.node_macs[node.name] = expr
             if self.infos[node].macs:
                 self.add("node", node.name, None, int(self.infos[node].macs), 0, expr)
+            follow_changes(node, self.infos, self.changed_at, self.static)
         return cm
 
     def layout_of(self, node: fx.Node):
@@ -374,7 +383,7 @@ class _Walk:
         q, k, v = site.q, site.k, site.v
         args = gateable_sdpa_args(site, mode, self.sparse)
         if args is None:
-            return False
+            return self.row_gated_site(site, mode)
         attn_mask = args[0]
         gate = self.sparse[q][0]
         rows_selected = isinstance(attn_mask, fx.Node) and attn_mask in self.sparse and self.sparse[attn_mask][0] == gate
@@ -413,6 +422,40 @@ class _Walk:
                 self.add("attention", f"{site.name}.mask", gate, 0, per_k, per_k * ks)
         self.sparse[node] = (gate, self.infos[node].layout)
         self.sources[node] = frozenset([gate])
+        self.cm.node_macs[node.name] = expr
+        return True
+
+
+    def row_gated_site(self, site: AttentionSite, mode: str) -> bool:
+        """`RowGatedAttention`: each selected token's query rows against their own batch entry's keys."""
+        args = row_gated_args(site, mode, self.changed_at)
+        if args is None:
+            return False
+        gate, ids, rows_of, attn_mask, _ = args
+        node = site.node
+        for a in (site.q, site.k, site.v, attn_mask):
+            self.full(a)
+        q_shape, (keys, d), dv = tensor_shape(site.q), tensor_shape(site.k)[-2:], tensor_shape(site.v)[-1]
+        mask_columns = keys if isinstance(attn_mask, fx.Node) else 0
+        # the rows' products with their entries' keys and values, the keys and values each chunk of ROW_CHUNK
+        # rows reads, gathers of q, mask and output rows; and half a chunk of padding per batch entry
+        row = keys * (d + dv)
+        per_k = Fraction(self.batch * rows_of.shape[1]) * (row + Fraction(row, ROW_CHUNK) + d + 2 * dv + mask_columns)
+        padding = math.prod(q_shape[:-2]) * ROW_CHUNK // 2 * row
+        expr = per_k * self.cm.k[gate] + padding
+        g = self.cm.gates[gate]
+        g.sites.append(site.name)
+        g.dense_macs += int(self.infos[node].macs)
+        self.cm.converted_sites[site.name] = "query"
+        if sum(self.cm.converted_sites.get(s) == "query" for s in g.sites) == 1:  # the context each token missed
+            self.memory(f"{gate}.missed", gate, g.batch * g.num_tokens, 4, self.B * self.tokens(g.num_tokens))
+        self.add("attention", site.name, gate, padding, per_k, expr)
+        rows = math.prod(q_shape[:-1])
+        self.memory(site.name, gate, rows * dv, self.state_size or _dtype(node).itemsize, sympy.Integer(rows * dv))
+        if self.state_dtype == torch.int8:
+            self.memory(f"{site.name}.scale", gate, rows, 4, sympy.Integer(rows))
+        self.sources[node] = frozenset([gate])
+        self.changed_at[node] = (gate, ids)
         self.cm.node_macs[node.name] = expr
         return True
 

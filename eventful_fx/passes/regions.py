@@ -40,7 +40,8 @@ class AttentionSite:
     v: fx.Node
     mask: fx.Node | None
     heads: int
-    reason: str | None  # why it can only run densely
+    reason: str | None  # why its queries cannot be carried as a token subset
+    query_rows: torch.Tensor | None = None  # `NodeInfo.query_rows`: where row-gated attention can run instead
 
     @property
     def name(self) -> str:
@@ -69,7 +70,7 @@ def find_regions(gm: fx.GraphModule, infos: dict[fx.Node, NodeInfo],
             q, k, v = node.args[:3]
             mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
             sites.append(AttentionSite(node, q, k, v, mask if isinstance(mask, fx.Node) else None,
-                                       heads=_heads(q), reason=info.reason))
+                                       heads=_heads(q), reason=info.reason, query_rows=info.query_rows))
         if not info.tokenwise:
             continue
         token_inputs = [a for a in node.all_input_nodes if infos[a].carries_tokens]

@@ -16,14 +16,15 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..runtime import QueryGatedAttention, IncrementalAttention, TokenBuffer, TokenGate, gather_tokens
+from ..runtime import IncrementalAttention, QueryGatedAttention, RowGatedAttention, TokenBuffer, TokenGate, \
+    gather_tokens
 from ..runtime.gate import gather_table
 from ..runtime.linear import SparseLinear
 from ..runtime.policy import Policy
 from . import ops
 from .ops import op_kind, op_name, tensor_shape
 from .regions import AttentionSite, Region
-from .tokens import NodeInfo, TokenLayout, parse_einsum
+from .tokens import LAYOUT_ONLY_REASONS, NodeInfo, TokenLayout, parse_einsum
 
 ATTENTION_MODES = ("dense", "query", "incremental")
 
@@ -127,6 +128,8 @@ class EventfulRewrite:
         self.moves_of_idx: dict[fx.Node, fx.Node] = {}  # idx of a gate with neighbour reuse -> its moves
         self.k_nodes: dict[fx.Node, fx.Node] = {}
         self.joined: set[fx.Node] = set()
+        self.changed_at: dict[fx.Node, tuple] = {}  # old node read in full -> (idx, ids) where it changed
+        self.static: set[fx.Node] = set()             # values the same on every frame (weights, tables)
         self.gm = gm
         for node in gm.graph.nodes:
             self._visit(node)
@@ -153,6 +156,8 @@ class EventfulRewrite:
         self.modules[name] = RegionBuffer(shape, layout.dims[0], layout.dims[-1] + 1, self.state_dtype,
                                           neighbour_reuse=moves is not None, folded=layout.folded)
         self.env[node] = self.graph.call_module(name, (data, idx) if moves is None else (data, idx, moves))
+        if moves is None and layout is not None:
+            self.changed_at[node] = (idx, layout.order)
         return self.env[node]
 
     def _map_full(self, args):
@@ -162,6 +167,8 @@ class EventfulRewrite:
     def _visit(self, node: fx.Node) -> None:
         if node.op in ("placeholder", "get_attr"):
             self.env[node] = self.graph.node_copy(node)
+            if node.op == "get_attr":
+                self.static.add(node)
             return
         if not node.users and (op_kind(node) == ops.NOOP or node.op == "call_module") and \
                 op_name(node) not in _USER_CHECKS:
@@ -189,6 +196,7 @@ class EventfulRewrite:
         self.dense_macs_static += self.infos[node].macs
         new = self.graph.node_copy(node, self.full)
         self.env[node] = new
+        follow_changes(node, self.infos, self.changed_at, self.static)
 
     def _region_input(self, region: Region) -> tuple[fx.Node, fx.Node, TokenLayout]:
         """The gated form of the region's root: from a gate, or inherited (query-gated attention output)."""
@@ -202,11 +210,11 @@ class EventfulRewrite:
                                         self.batch, always=layout.extra, state_dtype=self.state_dtype,
                                         neighbours=region.neighbours, folded=layout.folded)
         self.modules[name].grid, self.modules[name].grid_index = region.grid, region.grid_index
-        # a root restored by a buffer differs from the last frame only at the tokens written into it
-        # (unless its gate moves rows: then anywhere)
-        changed = self.sparse[root][1] if root in self.sparse and self.sparse[root][1] not in self.moves_of_idx \
-            else None
-        out = self.graph.call_module(name, (self.full(root),) if changed is None else (self.full(root), changed))
+        # a root restored by a buffer, or computed from one token by token, differs from the last frame only
+        # at the tokens written into it (unless its gate moves rows: then anywhere)
+        full = self.full(root)
+        changed = changed_tokens(root, layout, self.changed_at)
+        out = self.graph.call_module(name, (full,) if changed is None else (full, changed))
         idx = self.graph.call_function(operator.getitem, (out, 0))
         data = self.graph.call_function(operator.getitem, (out, 1))
         if region.neighbours is not None:
@@ -364,7 +372,7 @@ class EventfulRewrite:
         q, k, v = site.q, site.k, site.v
         args = gateable_sdpa_args(site, mode, self.sparse)
         if args is None:
-            return False
+            return self._row_gated_attention(site, mode)
         attn_mask, scale = args
         q_data, idx, q_layout = self.sparse[q]
         rows_selected = isinstance(attn_mask, fx.Node) and attn_mask in self.sparse and self.sparse[attn_mask][1] is idx
@@ -381,6 +389,94 @@ class EventfulRewrite:
                                          {"mask_rows_selected": rows_selected})
             self.sparse[node] = (out, idx, self.infos[node].layout)
         return True
+
+
+    def _row_gated_attention(self, site: AttentionSite, mode: str) -> bool:
+        args = row_gated_args(site, mode, self.changed_at)
+        if args is None:
+            return False
+        idx, ids, rows_of, attn_mask, scale = args
+        self.modules[site.name] = RowGatedAttention(rows_of, self.state_dtype)
+        self.modules[self.region_of_idx[idx]].refresh_stalest = True  # the queries it skips keep old contexts
+        mask = self.full(attn_mask) if isinstance(attn_mask, fx.Node) else attn_mask
+        self.env[site.node] = self.graph.call_module(site.name, (self.full(site.q), self.full(site.k),
+                                                                 self.full(site.v), idx, mask, scale))
+        self.changed_at[site.node] = (idx, ids)
+        return True
+
+
+# kinds whose output elements read other tokens' elements (or whose tokens cannot be followed)
+_TOKEN_MIXING_KINDS = frozenset({ops.ATTENTION, "attention_matmul", "token_reduce", ops.CONV, ops.POOL, ops.UNKNOWN,
+                                 "patch_embed"})
+
+
+def follow_changes(node: fx.Node, infos: dict[fx.Node, NodeInfo], changed_at: dict, static: set) -> None:
+    """Record where a node run densely changed since the last frame (`changed_at[node] = (token set, ids)`).
+
+    It changed at one gate's tokens when its token-carrying operands all changed at those tokens,
+    its other operands are the same on every frame (then it joins `static`), and each of its output
+    elements reads elements of its own token only: a layout op, or a token-wise op on tokens whose
+    axes mix with the batch (window partitions). `ids` number the gate's positions, as the analysis
+    numbers tokens, so an attention site maps its query rows to them (`row_gated_args`).
+    """
+    info = infos[node]
+    if node.op not in ("call_function", "call_method"):
+        return
+    token_inputs = [a for a in node.all_input_nodes if infos[a].carries_tokens]
+    if not info.carries_tokens:
+        if not token_inputs and all(a in static for a in node.all_input_nodes):
+            static.add(node)
+        return
+    if info.opaque or info.renumbered or info.kind in _TOKEN_MIXING_KINDS or \
+            (info.reason is not None and info.reason not in LAYOUT_ONLY_REASONS):
+        return
+    if any(a not in static for a in node.all_input_nodes if a not in token_inputs):
+        return
+    changes = {id(changed_at[a][0]): changed_at[a] for a in token_inputs if a in changed_at}
+    if len(changes) == 1 and all(a in changed_at for a in token_inputs):
+        changed_at[node] = changes.popitem()[1]
+
+
+def changed_tokens(root: fx.Node, layout: TokenLayout, changed_at: dict):
+    """The token set where a gate's root changed, when numbered as the gate numbers its positions; else None."""
+    changed = changed_at.get(root)
+    if changed is None or layout is None or not torch.equal(changed[1], layout.order):
+        return None
+    return changed[0]
+
+
+def rows_of_tokens(ids: torch.Tensor, query_rows: torch.Tensor) -> torch.Tensor | None:
+    """[N, R]: the query rows holding the token of each gate position (ids [N]), when each token has
+    R rows (one per head) and every row is some position's token; else None."""
+    n, total = len(ids), len(query_rows)
+    if total % n:
+        return None
+    by_id = torch.argsort(query_rows, stable=True)
+    grouped = query_rows[by_id].view(n, total // n)
+    positions = torch.argsort(ids, stable=True)
+    if not bool((grouped == grouped[:, :1]).all()) or not torch.equal(ids[positions], grouped[:, 0]):
+        return None
+    rows_of = torch.empty(n, total // n, dtype=torch.long)
+    rows_of[positions] = by_id.view(n, -1)
+    return rows_of
+
+
+def row_gated_args(site: AttentionSite, mode: str, changed_at: dict) -> tuple | None:
+    """(token set, ids, rows_of, attn_mask, scale) of a site whose queries are not carried sparse but
+    changed, run densely, at one gate's tokens (windowed attention): it runs `RowGatedAttention`."""
+    node = site.node
+    if mode == "dense" or site.query_rows is None or site.q not in changed_at:
+        return None
+    dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+    is_causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)
+    if is_causal or dropout:
+        return None
+    token_set, ids = changed_at[site.q]
+    rows_of = rows_of_tokens(ids, site.query_rows)
+    if rows_of is None:
+        return None
+    attn_mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+    return token_set, ids, rows_of, attn_mask, node.kwargs.get("scale", None)
 
 
 def runs_incremental(site: AttentionSite, mode: str, token_set_of) -> bool:

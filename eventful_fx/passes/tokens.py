@@ -22,6 +22,19 @@ from .ops import node_value, op_kind, op_name, tensor_shape
 # Reduction ops whose output keeps the input's shape.
 _SHAPE_PRESERVING = {"softmax", "_softmax", "log_softmax", "_log_softmax"}
 
+# Reasons a node cannot run on a token subset although each of its output elements still reads only
+# elements of its own token: run densely on a value that changed at some tokens, its result changed at
+# those tokens only (`rewrite.changes_at`)
+MIXES_AXES = "mixes token axes with batch or channel axes"
+REORDERS = "reorders tokens"
+SPLITS = "splits or reorders the token axis"
+CUTS_WINDOWS = "cuts windows (unfold): gates start after it"
+REORDERS_EINSUM = "an einsum reorders the token axes"
+GROWS = "concatenates tokens (class / register tokens) or pads the token grid"
+SELECTS = "selects a subset of tokens"
+# (a value whose tokens got new ids is no such case: NodeInfo.renumbered)
+LAYOUT_ONLY_REASONS = frozenset({MIXES_AXES, REORDERS, SPLITS, CUTS_WINDOWS, REORDERS_EINSUM, GROWS, SELECTS})
+
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -60,6 +73,10 @@ class NodeInfo:
     macs: int = 0
     reason: str | None = None                  # why a token-carrying node cannot run on a token subset
     per_token_args: dict[int, tuple[int, ...]] = field(default_factory=dict)  # constant arg -> its token axes
+    renumbered: bool = False                   # its tokens got new ids (a new token space)
+    # attention: the token id of each query row (flattened [*batch, n] of q) of the first stream, where
+    # every row holds one token and the streams' rows follow each other alike (`rewrite.RowGatedAttention`)
+    query_rows: torch.Tensor | None = None
 
     @property
     def carries_tokens(self) -> bool:
@@ -170,11 +187,16 @@ def _dims_arg(node: fx.Node, position: int, ndim: int) -> list[int] | None:
 
 
 class TokenAnalysis:
-    """Annotates every node of a graph with a NodeInfo; `infos[node]` after `run()`."""
+    """Annotates every node of a graph with a NodeInfo; `infos[node]` after `run()`.
 
-    def __init__(self, gm: fx.GraphModule):
+    `seeds` {input position: (tok, oth)}: inputs that already carry tokens, numbered by the graph that
+    made them (`output_ids` of its analysis): a graph Dynamo cut after the patch embedding."""
+
+    def __init__(self, gm: fx.GraphModule, seeds: dict[int, tuple] | None = None):
         self.gm = gm
+        self.seeds = dict(seeds or {})
         self.infos: dict[fx.Node, NodeInfo] = {}
+        self.output_ids: list[tuple | None] = []  # (tok, oth) of each tensor the graph returns, None: no tokens
         self._ids: dict[fx.Node, tuple] = {}  # node -> (tok, oth), or lists of them per output
         # values computed from the tokens that no longer carry them (token-mixing MLP outputs, pooled
         # features): they change every frame at every position, and a gate never sees them change
@@ -190,7 +212,16 @@ class TokenAnalysis:
 
     def _run(self) -> dict[fx.Node, NodeInfo]:
         remaining_users = {n: len(n.users) for n in self.gm.graph.nodes}
+        placeholders = 0
         for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                seed = self.seeds.get(placeholders)
+                placeholders += 1
+                if seed is not None and tuple(seed[0].shape) == tensor_shape(node):
+                    self.infos[node] = NodeInfo("placeholder", layout=self._set(node, *seed))
+                    continue
+            if node.op == "output":
+                self.output_ids = [self._ids.get(a) for a in _tensor_leaves(node.args[0])]
             self.infos[node] = info = self._visit(node)
             if not info.carries_tokens and any(self.infos[a].carries_tokens or a in self._mixed
                                                for a in node.all_input_nodes):
@@ -307,19 +338,20 @@ class TokenAnalysis:
             outs = [_layout(t, o) for t, o in zip(tok, oth)]
             ok = inputs_clean and all(o is None or (o.clean and _same_tokens(o, in_layouts)
                                                      and torch.equal(o.order, in_layouts[0].order)) for o in outs)
-            return NodeInfo(kind, outputs=outs, tokenwise=ok, reason=None if ok else "splits or reorders the token axis")
+            return NodeInfo(kind, outputs=outs, tokenwise=ok, reason=None if ok else SPLITS)
         layout = self._set(node, tok, oth)
         if layout is None:
             return NodeInfo("token_reduce", reason="picks single tokens (a class token)")
         if kind == ops.UNFOLD:  # windows cut from the token grid: a gate after them reads the windows' order
-            return NodeInfo(kind, layout=layout, reason="cuts windows (unfold): gates start after it")
+            return NodeInfo(kind, layout=layout, reason=CUTS_WINDOWS)
         if _same_tokens(layout, in_layouts):
             ok = inputs_clean and layout.clean and torch.equal(layout.order, in_layouts[0].order)
-            reason = None if ok else "mixes token axes with batch or channel axes" if not layout.clean else "reorders tokens"
+            reason = None if ok else MIXES_AXES if not layout.clean else REORDERS
             return NodeInfo(kind, layout=layout, tokenwise=ok, reason=reason)
         # a new token space (class tokens concatenated, a grid padded, a subset picked): number it afresh
         grows = layout.num_tokens > max((x.num_tokens for x in in_layouts if x), default=0)
-        if layout.clean:
+        renumbered = layout.clean
+        if renumbered:
             # padding has no stream of its own: it belongs to the stream of its token run
             streams = torch.floor(oth / _STREAM)
             if layout.folded == 1:
@@ -329,9 +361,8 @@ class TokenAnalysis:
             extra, padding = (tok == -1) | (tok >= _EXTRA), (tok == _PAD_ID) | ((tok >= _PADDING) & (tok < _EXTRA))
             layout = self._set(node, torch.where(extra, fresh + _EXTRA, torch.where(padding, fresh + _PADDING, fresh)),
                                _other_ids(tuple(tok.shape), layout.dims, streams))
-        kind, reason = ("token_cat", "concatenates tokens (class / register tokens) or pads the token grid") if grows \
-            else ("token_select", "selects a subset of tokens")
-        return NodeInfo(kind, layout=layout, reason=reason)
+        kind, reason = ("token_cat", GROWS) if grows else ("token_select", SELECTS)
+        return NodeInfo(kind, layout=layout, reason=reason, renumbered=renumbered)
 
     def _tokenwise(self, node, kind, token_args, out_shape, macs) -> NodeInfo:
         r = len(out_shape)
@@ -356,7 +387,7 @@ class TokenAnalysis:
         if kind == ops.REDUCE and any(d in dims for d in _dims_arg(node, 1, r) or []):
             reason = "softmax over the token axis mixes tokens"
         if reason is None and not (layout and layout.clean and all(x.clean for x in layouts)):
-            reason = "mixes token axes with batch or channel axes"
+            reason = MIXES_AXES
         if reason is None and any(a in self._mixed for a in node.all_input_nodes):
             reason = "reads a value mixed from all tokens (token-mixing MLP, pooling): a gate cannot see it change"
         per_token = {}
@@ -393,7 +424,7 @@ class TokenAnalysis:
         layout = self._set(node, tok.amax(dim=dims, keepdim=keepdim), oth.amax(dim=dims, keepdim=keepdim))
         ok = layout is not None and layout.clean and info.layout.clean
         return NodeInfo(ops.REDUCE, layout=layout, tokenwise=ok, macs=macs,
-                        reason=None if ok else "mixes token axes with batch or channel axes")
+                        reason=None if ok else MIXES_AXES)
 
     def _matmul(self, node, token_args, out_shape, macs) -> NodeInfo:
         a, b = node.args[0], node.args[1]
@@ -452,13 +483,13 @@ class TokenAnalysis:
                 if axes and axes != tuple(range(axes[0], axes[0] + len(axes))):
                     reason = "an einsum table indexed by token subscripts on axes that are not adjacent"
         if "".join(label for label in out if label in labels) != "".join(labels):
-            reason = "an einsum reorders the token axes"
+            reason = REORDERS_EINSUM
         if per_token and out[:out.index(labels[0])] != term[:layout.dims[0]]:
             reason = "an einsum with a per-token table changes the axes before the tokens"
         if per_token and layout.folded > 1:
             reason = "a per-token table on tokens whose axis also holds the streams"
         if reason is None and not (layout.clean and layout_out is not None and layout_out.clean):
-            reason = "mixes token axes with batch or channel axes"
+            reason = MIXES_AXES
         return NodeInfo(ops.EINSUM, layout=layout_out, tokenwise=reason is None, macs=macs, reason=reason,
                         per_token_args=per_token)
 
@@ -477,7 +508,7 @@ class TokenAnalysis:
         elif isinstance(mask, fx.Node) and self.infos[mask].carries_tokens and not _rows_follow(
                 self.infos[mask].layout, tensor_shape(mask), layouts[0]):
             reason = "the attention bias depends on the tokens' values, not row by row on the queries'"
-        return NodeInfo(ops.ATTENTION, layout=layout, macs=macs, reason=reason)
+        return NodeInfo(ops.ATTENTION, layout=layout, macs=macs, reason=reason, query_rows=_query_rows(*self._ids[q]))
 
     # -- multiply-accumulates -------------------------------------------------------------
     def _macs(self, node: fx.Node, kind: str | None) -> int:
@@ -499,6 +530,32 @@ class TokenAnalysis:
         if name == "einsum":
             return _einsum_macs(node.args[0], [tensor_shape(a) for a in node.args[1:]] if not isinstance(node.args[1], (list, tuple)) else [tensor_shape(a) for a in node.args[1]])
         return 0
+
+
+def _query_rows(tok: torch.Tensor, oth: torch.Tensor) -> torch.Tensor | None:
+    """Token id of each query row of q [*batch, n, d] of the first stream, where each row holds one token
+    (windows and heads may share SDPA's batch axes) and every stream's rows repeat the first stream's ids."""
+    rows = tok[..., 0]
+    if tok.ndim < 2 or not bool((tok == rows.unsqueeze(-1)).all()):
+        return None
+    rows, streams = rows.reshape(-1), torch.floor(oth[..., 0] / _STREAM).reshape(-1)
+    if bool((rows < 0).any()):
+        return None
+    count = len(torch.unique(streams))
+    if rows.numel() % count:
+        return None
+    per_stream = rows.view(count, -1)
+    ok = bool((streams.view(count, -1) == torch.unique(streams).view(count, 1)).all()) and \
+        bool((per_stream == per_stream[:1]).all())
+    return per_stream[0].clone() if ok else None
+
+
+def _tensor_leaves(value) -> list[fx.Node]:
+    """The tensor-valued nodes of a graph's output structure, in the order pytree flattens what it returns."""
+    leaves = []
+    fx.node.map_aggregate(value, lambda a: leaves.append(a) if isinstance(a, fx.Node) and isinstance(
+        node_value(a), torch.Tensor) else None)
+    return leaves
 
 
 def _rows_follow(mask: TokenLayout | None, shape, queries: TokenLayout) -> bool:
