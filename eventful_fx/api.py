@@ -60,7 +60,18 @@ class FrameStats:
 # tensors returned by eventful graphs of `torch.compile`'s backend, with their token ids: Dynamo cuts a model
 # where it cannot trace (a value read into numpy), and the graph after the cut reads the tokens the graph
 # before it returned, with no patch embedding of its own to find them from (`TokenAnalysis` seeds)
-_TOKEN_OUTPUTS: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
+# (by id: a WeakKeyDictionary would compare tensors with ==)
+_TOKEN_OUTPUTS: dict[int, tuple[weakref.ref, tuple]] = {}
+
+
+def _token_ids_of(x) -> tuple | None:
+    entry = _TOKEN_OUTPUTS.get(id(x)) if isinstance(x, torch.Tensor) else None
+    return entry[1] if entry is not None and entry[0]() is x else None
+
+
+def _remember_token_ids(tensor: torch.Tensor, ids: tuple) -> None:
+    key = id(tensor)
+    _TOKEN_OUTPUTS[key] = (weakref.ref(tensor, lambda _: _TOKEN_OUTPUTS.pop(key, None)), ids)
 
 
 class EventfulModule(torch.nn.Module):
@@ -237,7 +248,7 @@ class EventfulModule(torch.nn.Module):
             tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
             for tensor, ids in zip(tensors, self._output_ids):
                 if ids is not None:
-                    _TOKEN_OUTPUTS[tensor] = ids
+                    _remember_token_ids(tensor, ids)
         return out
 
     # -- saving and copying ---------------------------------------------------------------
@@ -311,8 +322,8 @@ class EventfulModule(torch.nn.Module):
         gm = FuseExplicitAttention().call(capture(self.model, tuple(args), kwargs))
         seeds = None
         if self.seed_from_outputs:
-            seeds = {i: _TOKEN_OUTPUTS[x] for i, x in enumerate(pytree.tree_leaves((tuple(args), kwargs)))
-                     if isinstance(x, torch.Tensor) and x in _TOKEN_OUTPUTS}
+            seeds = {i: _token_ids_of(x) for i, x in enumerate(pytree.tree_leaves((tuple(args), kwargs)))
+                     if _token_ids_of(x) is not None}
         analysis = TokenAnalysis(gm, seeds)
         infos = analysis.run()
         self._output_ids = analysis.output_ids if self.seed_from_outputs else None

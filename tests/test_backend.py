@@ -86,9 +86,10 @@ def test_graphs_after_a_graph_break_convert():
             dense = model(frame[None])
             assert rel_err(exact(frame[None]), dense) <= 1e-4
             errors.append(rel_err(compiled(frame[None]), dense))
-    blocks = [m for m in compiled_modules() if m.budget == 0.25 and m.stats.dense_macs and m._output_ids is not None
-              and m.decision is not None and m.decision.ks]
-    assert blocks, "no graph after the break converted"
-    last = max(blocks, key=lambda m: m.stats.dense_macs)
-    assert last.stats.macs <= 0.35 * last.stats.dense_macs  # the blocks, after the cut, run on a quarter
+    # Dynamo compiles the blocks' graph twice (the float read through numpy becomes an input on the second
+    # frame): the later one ran the last frames, incrementally; the stem is the smallest graph
+    cheap = [m for m in compiled_modules() if m.budget == 0.25 and m.stats.dense_macs and not m.stats.flush]
+    blocks = max(cheap, key=lambda m: m.stats.dense_macs)
+    assert blocks.decision.ks, "the graph after the break converted nothing"
+    assert blocks.stats.macs <= 0.35 * blocks.stats.dense_macs  # the blocks, after the cut, run on a quarter
     assert errors[-1] < 0.5

@@ -153,16 +153,17 @@ def _layout(tok: torch.Tensor, oth: torch.Tensor) -> TokenLayout | None:
 def _folded_streams(tok: torch.Tensor, oth: torch.Tensor, d: int) -> int:
     """How many streams axis d holds outermost, each with the same tokens in the same order; 1 if it mixes
     tokens with anything else. (A window partition moves windows into the batch axis: [B * windows, ...].)"""
-    streams = torch.floor(oth / _STREAM)
-    rest = oth - streams * _STREAM
-    count, n = len(torch.unique(streams)), tok.shape[d]
-    if count < 2 or n % count:
+    if float(oth.amax()) < _STREAM:  # one stream (the common case: no pass over the whole value)
         return 1
+    streams = torch.floor(oth / _STREAM)
     along_d = streams[tuple(slice(None) if a == d else slice(0, 1) for a in range(tok.ndim))]
-    blocks = [t.unflatten(d, (count, n // count)) for t in (along_d, tok, rest)]
-    outer, inner = (lambda t: t.narrow(d, 0, 1)), (lambda t: t.narrow(d + 1, 0, 1))
-    s, t, r = blocks
-    ok = bool((streams == along_d).all()) and bool((s == inner(s)).all()) \
+    count, n = len(torch.unique(along_d)), tok.shape[d]
+    if count < 2 or n % count or not bool((streams == along_d).all()):
+        return 1
+    rest = oth - streams * _STREAM
+    s, t, r = (x.unflatten(d, (count, n // count)) for x in (along_d, tok, rest))
+    outer, inner = (lambda x: x.narrow(d, 0, 1)), (lambda x: x.narrow(d + 1, 0, 1))
+    ok = bool((s == inner(s)).all()) \
         and bool((s.narrow(d, 1, count - 1) > s.narrow(d, 0, count - 1)).all()) \
         and bool((t == outer(t)).all()) and bool((r == inner(r)).all())  # (rest may hold the batch index)
     return count if ok else 1
