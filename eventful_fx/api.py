@@ -32,7 +32,7 @@ import torch.utils._pytree as pytree
 from .calibration import CALIBRATION_FRAMES, Calibration, base_fraction, calibrate, gate_groups
 from .cost_model.planner import Decision, ErrorFit, Planner
 from .passes.canonicalize import FuseExplicitAttention
-from .passes.capture import LIBRARY_DIRS, capture
+from .passes.capture import LIBRARY_DIRS, CaptureError, capture
 from .passes.neighbours import MATCH_RADIUS, attach_neighbours
 from .passes.regions import find_regions
 from .passes.rewrite import ATTENTION_MODES, EventfulRewrite, Plan, RegionGate
@@ -144,6 +144,8 @@ class EventfulModule(torch.nn.Module):
         self._warned_inference_only = False
         self._params_require_grad = False
         self._output_ids: list | None = None
+        self._dynamo = None  # where no tracer captures one graph: torch.compile with eventful graphs (`_via_dynamo`)
+        self._dynamo_modules: list[EventfulModule] = []
 
     # -- public ---------------------------------------------------------------------------
     @property
@@ -154,6 +156,8 @@ class EventfulModule(torch.nn.Module):
     def budget(self, value: float) -> None:
         _check_budget(value)
         self._budget = value
+        for module in self._dynamo_modules:
+            module.budget = value
         if self.graph_module is not None:
             self._apply_plan()  # same structure: new k only; a structure change rewrites (no re-capture) and flushes
 
@@ -163,7 +167,9 @@ class EventfulModule(torch.nn.Module):
 
     def reset(self, streams: Sequence[int] | None = None) -> None:
         """Start a new video: the next frame is a dense flush (for all streams, or only `streams`, batch indices)."""
-        if streams is not None:
+        for module in self._dynamo_modules:
+            module.reset(streams)
+        if streams is not None and self._dynamo is None:
             streams = _check_streams(streams, self._batch)
         for module in self._stateful():
             module.reset(streams)
@@ -182,6 +188,8 @@ class EventfulModule(torch.nn.Module):
 
     def _calibrate(self, clips: list, fraction: float | None = None) -> Calibration:
         """`calibrate` on several clips at once, each counting alone (see `calibration.calibrate`)."""
+        if self._dynamo is not None:
+            raise NotImplementedError(_VIA_DYNAMO.format(what="calibration"))
         fraction = fraction or base_fraction(self._budget)
         inputs = [[_as_tuple(x) for x in frames] if not isinstance(frames, torch.Tensor) else None for frames in clips]
         if self.graph_module is None:
@@ -199,7 +207,7 @@ class EventfulModule(torch.nn.Module):
         return calibration
 
     def state_bytes(self) -> int:
-        return sum(m.state_bytes() for m in self._stateful())
+        return sum(m.state_bytes() for m in [*self._stateful(), *self._dynamo_modules])
 
     def forward(self, *args, **kwargs):
         leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -215,8 +223,12 @@ class EventfulModule(torch.nn.Module):
                 # state must outlive an inference_mode block: it is never built from inference tensors
                 args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if t.is_inference() else t,
                                                     (args, kwargs))
+            if self._dynamo is not None:
+                return self._dynamo_forward(args, kwargs)
             if self.graph_module is None:
                 self._build(args, kwargs)
+                if self._dynamo is not None:
+                    return self._dynamo_forward(args, kwargs)
             elif signature != self._signature:
                 _warn(f"eventful_fx: input changed from {_describe(self._signature)} to {_describe(signature)}; "
                       "re-capturing the model and starting with a dense flush")
@@ -256,6 +268,8 @@ class EventfulModule(torch.nn.Module):
         """The stream state, as tensors and plain values (`torch.load(weights_only=True)` reads it back).
 
         Weights are not in it: `state_dict()` holds them once, under `model.`."""
+        if self._dynamo is not None:
+            raise NotImplementedError(_VIA_DYNAMO.format(what="saving the stream state"))
         state = {"version": _STATE_VERSION, "budget": self._budget, "options": self._options()}
         if self.graph_module is None:
             return state
@@ -319,7 +333,13 @@ class EventfulModule(torch.nn.Module):
     # -- internals ------------------------------------------------------------------------
     @torch.compiler.disable  # under torch.compile: capture, analysis and planning run eagerly, once
     def _build(self, args: tuple, kwargs: dict, calibrations: dict | None = None) -> None:
-        gm = FuseExplicitAttention().call(capture(self.model, tuple(args), kwargs))
+        try:
+            gm = FuseExplicitAttention().call(capture(self.model, tuple(args), kwargs))
+        except CaptureError as error:
+            if self.seed_from_outputs:  # one of Dynamo's graphs already
+                raise
+            self._via_dynamo(error)
+            return
         seeds = None
         if self.seed_from_outputs:
             seeds = {i: _token_ids_of(x) for i, x in enumerate(pytree.tree_leaves((tuple(args), kwargs)))
@@ -344,6 +364,38 @@ class EventfulModule(torch.nn.Module):
         self.__dict__["graph_module"] = None
         self.decision = None
         self._apply_plan()
+
+    def _via_dynamo(self, error: CaptureError) -> None:
+        """No tracer captures the model as one graph: let Dynamo cut it where it cannot trace (the line the
+        error names runs eagerly) and run each graph it captures eventfully, with the same options. A graph
+        after a cut finds its tokens from the graph that returned them (`seed_from_outputs`)."""
+        options = {"policy": self.policy, "threshold": self.threshold, "attention": self.attention,
+                   "refresh": self.refresh, "check_finite": self.check_finite,
+                   "memory_cap_bytes": self.memory_cap_bytes, "dense_residual": self.dense_residual,
+                   "linear_kernel": self.linear_kernel, "state_dtype": self.state_dtype_option,
+                   "calibration": None, "neighbour_reuse": self.neighbour_reuse}
+        modules = self._dynamo_modules
+
+        def eventful_graph(gm: torch.fx.GraphModule, example_inputs):
+            gm.eval()
+            module = EventfulModule(gm, self._budget, **options)
+            module.seed_from_outputs = True
+            modules.append(module)
+            return module
+
+        self._dynamo = torch.compile(self.model, backend=eventful_graph)
+        _warn(f"eventful_fx: {error}. Running the graphs torch.compile (Dynamo) captures around that line instead, "
+              "each eventful with its own state (no calibration, no saved state)")
+
+    def _dynamo_forward(self, args: tuple, kwargs: dict):
+        before = {id(m): m.stats for m in self._dynamo_modules}
+        out = self._dynamo(*args, **kwargs)
+        ran = [m for m in self._dynamo_modules if m.stats is not before.get(id(m))]
+        self.stats = FrameStats(macs=sum(m.stats.macs for m in ran), dense_macs=sum(m.stats.dense_macs for m in ran),
+                                overhead_macs=sum(m.stats.overhead_macs for m in ran),
+                                tokens={f"graph{i}.{g}": k for i, m in enumerate(ran) for g, k in m.stats.tokens.items()},
+                                flush=any(m.stats.flush for m in ran))
+        return out
 
     def _resolve_state_dtype(self, gm, infos, regions, sites) -> None:
         """state_dtype="auto": the model's dtype, unless one stream's state would outweigh the model's weights;
@@ -555,6 +607,8 @@ BUILTIN_CALIBRATION_CLIPS = ("synthetic", "real")  # the built-in clips (`video.
 _BUILTIN_CALIBRATIONS: "collections.OrderedDict[tuple, Calibration]" = collections.OrderedDict()
 BUILTIN_CALIBRATIONS_KEPT = 32
 # rebuilt from the saved stream state when unpickled or deep-copied (see __getstate__)
+_VIA_DYNAMO = ("eventful_fx: {what} is not available for a model run through Dynamo's graphs (no tracer captured "
+               "it as one graph: see the warning of its first call)")
 _REBUILT = ("graph_module", "planner", "decision", "_captured", "_plan", "_gate_modules", "_stateful_modules",
             "_model_parts", "_signature", "stats")
 

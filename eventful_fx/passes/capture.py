@@ -61,7 +61,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict 
                         raise CaptureError(
                             f"could not capture {type(model).__name__}{_where(export_error)}: torch.export failed: "
                             f"{_first_line(export_error)}{_hint(export_error)}; fx.symbolic_trace failed: "
-                            f"{_first_line(trace_error)}") from None
+                            f"{_first_line(trace_error)}") from None  # (eventful_fx.compile then tries Dynamo)
         finally:
             model.train(was_training)
 
