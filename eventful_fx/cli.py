@@ -167,7 +167,7 @@ def _add_run(p: argparse.ArgumentParser, budgets: str = "0.25") -> None:
     p.add_argument("--budget", default=budgets, help="fraction of dense MACs per frame; comma-separated for several")
     p.add_argument("--policy", choices=("topk", "threshold"), default="topk")
     p.add_argument("--threshold", type=float, default=0.1, help="token change threshold of the threshold policy")
-    p.add_argument("--attention", choices=("dense", "query", "incremental"), default="query")
+    p.add_argument("--attention", choices=("dense", "query", "incremental", "query_windows"), default="query")
     p.add_argument("--baselines", default="eager,packed,inductor",
                    help="dense models to time, the speedup is against the fastest: eager, packed (linears on the "
                         "packed oneDNN kernel), inductor (torch.compile); eager is always run")

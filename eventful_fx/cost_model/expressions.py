@@ -41,7 +41,7 @@ import torch.fx as fx
 from ..passes import ops
 from ..passes.ops import node_value, op_kind, tensor_shape
 from ..passes.regions import AttentionSite, Region
-from ..passes.rewrite import changed_tokens, follow_changes, gateable_sdpa_args, joinable, row_gated_args, \
+from ..passes.rewrite import QUERY_MODES, changed_tokens, follow_changes, gateable_sdpa_args, joinable, row_gated_args, \
     runs_incremental
 from ..passes.tokens import NodeInfo, constant_pad
 from ..runtime.attention import ROW_CHUNK
@@ -138,7 +138,7 @@ class CostModel:
         for name in reversed(list(self.gates)):
             g = self.gates[name]
             chained = sum(out[h] for h, other in self.gates.items() if other.behind == name and h in out) \
-                if any(self.converted_sites.get(s) == "query" for s in g.sites) else 0.0
+                if any(self.converted_sites.get(s) in QUERY_MODES for s in g.sites) else 0.0
             out[name] = math.sqrt(g.dense_macs / g.num_tokens) + chained
         return {name: out[name] for name in self.gates}
 
@@ -406,7 +406,7 @@ class _Walk:
             self.sources[node] = frozenset([_MIXED])  # new keys and values reach every query's output
             return True
         self.cm.converted_sites[site.name] = "query"
-        if sum(self.cm.converted_sites.get(s) == "query" for s in g.sites) == 1:  # the context each token missed
+        if sum(self.cm.converted_sites.get(s) in QUERY_MODES for s in g.sites) == 1:  # the context each token missed
             self.memory(f"{gate}.missed", gate, g.batch * g.num_tokens, 4, self.B * self.tokens(g.num_tokens))
         self.full(k)
         self.full(v)
@@ -446,8 +446,8 @@ class _Walk:
         g = self.cm.gates[gate]
         g.sites.append(site.name)
         g.dense_macs += int(self.infos[node].macs)
-        self.cm.converted_sites[site.name] = "query"
-        if sum(self.cm.converted_sites.get(s) == "query" for s in g.sites) == 1:  # the context each token missed
+        self.cm.converted_sites[site.name] = "query_windows"
+        if sum(self.cm.converted_sites.get(s) in QUERY_MODES for s in g.sites) == 1:  # the context each token missed
             self.memory(f"{gate}.missed", gate, g.batch * g.num_tokens, 4, self.B * self.tokens(g.num_tokens))
         self.add("attention", site.name, gate, padding, per_k, expr)
         rows = math.prod(q_shape[:-1])

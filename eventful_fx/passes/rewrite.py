@@ -26,7 +26,11 @@ from .ops import op_kind, op_name, tensor_shape
 from .regions import AttentionSite, Region
 from .tokens import LAYOUT_ONLY_REASONS, NodeInfo, TokenLayout, parse_einsum
 
-ATTENTION_MODES = ("dense", "query", "incremental")
+ATTENTION_MODES = ("dense", "query", "incremental", "query_windows")
+# "query_windows": "query", and windowed attention row-gated too (`RowGatedAttention`). Not the default: on
+# SAM-B at 1024 (8 windowed blocks) it raised the all-token error at 0.25 from 10.7% to 12.3% on the built-in
+# clip, where on a 4-block SAM at 320 px it lowered it by 7-15% on four clips (benchmarks/RESULTS.md)
+QUERY_MODES = ("query", "query_windows")
 
 
 @dataclass
@@ -465,7 +469,7 @@ def row_gated_args(site: AttentionSite, mode: str, changed_at: dict) -> tuple | 
     """(token set, ids, rows_of, attn_mask, scale) of a site whose queries are not carried sparse but
     changed, run densely, at one gate's tokens (windowed attention): it runs `RowGatedAttention`."""
     node = site.node
-    if mode == "dense" or site.query_rows is None or site.q not in changed_at:
+    if mode != "query_windows" or site.query_rows is None or site.q not in changed_at:
         return None
     dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
     is_causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)

@@ -509,7 +509,10 @@ class TokenAnalysis:
         elif isinstance(mask, fx.Node) and self.infos[mask].carries_tokens and not _rows_follow(
                 self.infos[mask].layout, tensor_shape(mask), layouts[0]):
             reason = "the attention bias depends on the tokens' values, not row by row on the queries'"
-        return NodeInfo(ops.ATTENTION, layout=layout, macs=macs, reason=reason, query_rows=_query_rows(*self._ids[q]))
+        query_rows = _query_rows(*self._ids[q])
+        if reason is not None and query_rows is not None:
+            reason += "; attention='query_windows' row-gates it"
+        return NodeInfo(ops.ATTENTION, layout=layout, macs=macs, reason=reason, query_rows=query_rows)
 
     # -- multiply-accumulates -------------------------------------------------------------
     def _macs(self, node: fx.Node, kind: str | None) -> int:
