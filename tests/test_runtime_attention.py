@@ -189,7 +189,7 @@ def test_row_gated_windows_equal_a_per_window_reference(streams, bias):
 
     # token t (window w, position p) of a stream has rows (w * heads + h) * n + p, one per head
     rows_of = torch.tensor([[(w * heads + h) * n + p for h in range(heads)] for w in range(windows) for p in range(n)])
-    attn = RowGatedAttention(rows_of)
+    attn = RowGatedAttention(rows_of, streams * rows_per_stream)
     first = inputs()
     kept = attn(*first[:3], torch.arange(windows * n).expand(streams, -1), first[3]).clone()
     assert rel_err(kept, reference(*first)) < 1e-6

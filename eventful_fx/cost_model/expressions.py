@@ -452,6 +452,8 @@ class _Walk:
         self.add("attention", site.name, gate, padding, per_k, expr)
         rows = math.prod(q_shape[:-1])
         self.memory(site.name, gate, rows * dv, self.state_size or _dtype(node).itemsize, sympy.Integer(rows * dv))
+        if self.state_dtype is not None and self.state_dtype != _dtype(node):  # its buffer returns a converted copy
+            self.add("buffer", f"{site.name}.convert", gate, rows * dv, 0, sympy.Integer(rows * dv))
         if self.state_dtype == torch.int8:
             self.memory(f"{site.name}.scale", gate, rows, 4, sympy.Integer(rows))
         self.sources[node] = frozenset([gate])

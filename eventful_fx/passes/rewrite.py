@@ -394,13 +394,12 @@ class EventfulRewrite:
             self.sparse[node] = (out, idx, self.infos[node].layout)
         return True
 
-
     def _row_gated_attention(self, site: AttentionSite, mode: str) -> bool:
         args = row_gated_args(site, mode, self.changed_at)
         if args is None:
             return False
         idx, ids, rows_of, attn_mask, scale = args
-        self.modules[site.name] = RowGatedAttention(rows_of, self.state_dtype)
+        self.modules[site.name] = RowGatedAttention(rows_of, math.prod(tensor_shape(site.q)[:-1]), self.state_dtype)
         self.modules[self.region_of_idx[idx]].refresh_stalest = True  # the queries it skips keep old contexts
         mask = self.full(attn_mask) if isinstance(attn_mask, fx.Node) else attn_mask
         self.env[site.node] = self.graph.call_module(site.name, (self.full(site.q), self.full(site.k),
@@ -436,7 +435,7 @@ def follow_changes(node: fx.Node, infos: dict[fx.Node, NodeInfo], changed_at: di
         return
     if any(a not in static for a in node.all_input_nodes if a not in token_inputs):
         return
-    changes = {id(changed_at[a][0]): changed_at[a] for a in token_inputs if a in changed_at}
+    changes = {changed_at[a][0]: changed_at[a] for a in token_inputs if a in changed_at}
     if len(changes) == 1 and all(a in changed_at for a in token_inputs):
         changed_at[node] = changes.popitem()[1]
 
@@ -468,19 +467,21 @@ def rows_of_tokens(ids: torch.Tensor, query_rows: torch.Tensor) -> torch.Tensor 
 def row_gated_args(site: AttentionSite, mode: str, changed_at: dict) -> tuple | None:
     """(token set, ids, rows_of, attn_mask, scale) of a site whose queries are not carried sparse but
     changed, run densely, at one gate's tokens (windowed attention): it runs `RowGatedAttention`."""
-    node = site.node
     if mode != "query_windows" or site.query_rows is None or site.q not in changed_at:
         return None
-    dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
-    is_causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)
+    attn_mask, dropout, is_causal, scale = _sdpa_options(site.node)
     if is_causal or dropout:
         return None
     token_set, ids = changed_at[site.q]
     rows_of = rows_of_tokens(ids, site.query_rows)
-    if rows_of is None:
-        return None
-    attn_mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
-    return token_set, ids, rows_of, attn_mask, node.kwargs.get("scale", None)
+    return None if rows_of is None else (token_set, ids, rows_of, attn_mask, scale)
+
+
+def _sdpa_options(node: fx.Node) -> tuple:
+    """(attn_mask, dropout_p, is_causal, scale) of an SDPA node, positional or keyword."""
+    def arg(position, name, default):
+        return node.kwargs.get(name, node.args[position] if len(node.args) > position else default)
+    return arg(3, "attn_mask", None), arg(4, "dropout_p", 0.0), arg(5, "is_causal", False), node.kwargs.get("scale")
 
 
 def runs_incremental(site: AttentionSite, mode: str, token_set_of) -> bool:
@@ -524,15 +525,13 @@ def joinable(node: fx.Node, infos: dict[fx.Node, NodeInfo], sparse_of):
 
 def gateable_sdpa_args(site: AttentionSite, mode: str, sparse) -> tuple | None:
     """(attn_mask, scale) of an attention site a gated mode can run (its queries are in `sparse`); else None."""
-    node, q = site.node, site.q
+    q = site.q
     if mode == "dense" or site.reason is not None or q not in sparse:
         return None
-    attn_mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
-    dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
-    is_causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)
+    attn_mask, dropout, is_causal, scale = _sdpa_options(site.node)
     if is_causal or dropout or len(tensor_shape(q)) < 3:
         return None
-    return attn_mask, node.kwargs.get("scale", None)
+    return attn_mask, scale
 
 
 def _remap_dims(dims, layout: TokenLayout, ndim: int):

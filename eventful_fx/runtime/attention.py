@@ -15,8 +15,9 @@ from torch import Tensor
 
 from torch.utils.flop_counter import bmm_flop, flop_registry, register_flop_formula, sdpa_flop_count
 
+from .buffer import TokenBuffer
 from .gate import gather_rows, gather_tokens
-from .state import StatefulOp, decode_tokens, encode_tokens, tensor_bytes
+from .state import StatefulOp, tensor_bytes
 
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 if _CPU_SDPA not in flop_registry:  # torch 2.14 counts the GPU kernels of SDPA, not the CPU one
@@ -235,8 +236,8 @@ class RowGatedAttention(StatefulOp):
     the selected tokens' queries are rows spread over many batch entries. Each selected token's rows
     (one per head) are recomputed against the keys and values of their own batch entry (their window),
     packed in chunks of up to ROW_CHUNK rows of one entry, all in one SDPA call; every other row keeps its
-    output, as query-gated
-    attention keeps the contexts of the queries it skips. The full output is state.
+    output, as query-gated attention keeps the contexts of the queries it skips. The full output is
+    state, in a `TokenBuffer` over the rows (`rows` of them, in the state dtype).
 
     forward(q [*E, n, d], k, v [*E, m, d], idx [B, k], attn_mask, scale) -> [*E, n, dv], full.
     `rows_of` [N, R]: the first stream's flat query rows (batch entry · n + position) of each of the
@@ -245,51 +246,32 @@ class RowGatedAttention(StatefulOp):
     dense call (packing all rows made budget 1.0 on SAM-B at 1024 1.7x slower).
     """
 
-    def __init__(self, rows_of: Tensor, state_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, rows_of: Tensor, rows: int, state_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.rows_of = rows_of
-        self.state_dtype = state_dtype
-        self._out: Tensor | None = None    # [rows, dv] in the state dtype
-        self._scale: Tensor | None = None  # [1, rows] per-row scales of an int8 output
-
-    def reset(self, streams: Sequence[int] | None = None) -> None:
-        # a per-stream reset needs nothing: the gate's flush selects every token of the stream
-        if streams is None:
-            self._out = self._scale = None
-
-    def state_bytes(self) -> int:
-        return tensor_bytes(self._out, self._scale)
-
-    def stream_state(self) -> dict:
-        return {"out": self._out, "scale": self._scale}
-
-    def load_stream_state(self, state: dict) -> None:
-        self._out, self._scale = state["out"], state["scale"]
+        self.output = TokenBuffer(rows, state_dtype)  # the full output [1, rows, dv]: all of the op's state
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, attn_mask: Tensor | None = None,
                 scale: float | None = None, *, dropout_p: float = 0.0, is_causal: bool = False) -> Tensor:
         _only_plain_attention("RowGatedAttention", dropout_p, is_causal)
         entries_shape, (n, head_dim), value_dim = q.shape[:-2], q.shape[-2:], v.shape[-1]
         entries, keys = math.prod(entries_shape), k.shape[-2]
-        rows_total, dtype = entries * n, self.state_dtype or q.dtype
-        out = self._out
+        rows_total = entries * n
         batch, count = idx.shape
-        every_row = out is None or out.shape != (rows_total, value_dim) or out.dtype != dtype or out.device != q.device
+        every_row = not self.output.holds(q.new_empty(1, 0, value_dim))
         if not every_row and count == len(self.rows_of):  # a flush or budget 1: every stream takes every token?
             every_row = bool((idx.sort(dim=1).values == torch.arange(count, device=idx.device)).all())
         if every_row:
             full = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-            data, row_scale = encode_tokens(full.reshape(1, rows_total, value_dim), dtype)
-            self._out, self._scale = data[0].contiguous(), row_scale
-            self.matmul_macs = entries * n * keys * (head_dim + value_dim)
-            self.overhead_macs = full.numel()
+            self.output(full.reshape(1, rows_total, value_dim), torch.arange(rows_total, device=q.device)[None])
+            self.matmul_macs, self.overhead_macs = entries * n * keys * (head_dim + value_dim), 0
             return full
         self.rows_of = rows_of = self.rows_of.to(q.device)
         per_stream = rows_total // batch
         rows = (rows_of[idx] + (torch.arange(batch, device=q.device) * per_stream).view(batch, 1, 1)).reshape(-1)
         if rows.numel() == 0:
             self.matmul_macs = self.overhead_macs = 0
-            return self._output(q.dtype).view(*entries_shape, n, value_dim)
+            return self.output(q.new_empty(1, 0, value_dim), rows[None]).view(*entries_shape, n, value_dim)
         entry, position = rows // n, rows % n
         # each batch entry's selected rows go to chunks of up to `cap` rows, every chunk with its entry's keys:
         # padding to the fullest entry instead cost 2.2x the rows' own work on SAM at 320 px (3 of 4 windows)
@@ -312,23 +294,11 @@ class RowGatedAttention(StatefulOp):
             mask = q.new_zeros(chunks, cap, keys)
             mask[chunk, slot] = _mask_rows(_additive(attn_mask, q.dtype), entries_shape, entry, position, keys)
         fresh = F.scaled_dot_product_attention(q_packed, k_packed, v_packed, attn_mask=mask, scale=scale)[chunk, slot]
-        data, row_scale = encode_tokens(fresh.unsqueeze(0), dtype)
-        self._out.index_copy_(0, rows, data[0])
-        if row_scale is not None:
-            self._scale.index_copy_(1, rows, row_scale)
-        result = self._output(q.dtype)
-        if count == len(rows_of) and dtype != q.dtype:
-            # every token fresh (budget 1): out unrounded, as `TokenBuffer` does, so those frames stay exact
-            result.index_copy_(0, rows, fresh)
         self.matmul_macs = chunks * cap * keys * (head_dim + value_dim)
-        self.overhead_macs = len(rows) * (head_dim + 2 * value_dim + (keys if mask is not None else 0)) + \
-            chunks * keys * (head_dim + value_dim)  # the keys and values each chunk reads
-        return result.view(*entries_shape, n, value_dim)
-
-    def _output(self, dtype: torch.dtype) -> Tensor:
-        if self._scale is None and self._out.dtype == dtype:
-            return self._out  # the state itself: the caller reads it before the next call writes it
-        return decode_tokens(self._out.unsqueeze(0), self._scale, dtype)[0]
+        # gathers of q, mask and fresh rows, and the keys and values each chunk reads (`output` counts its writes)
+        self.overhead_macs = len(rows) * (head_dim + value_dim + (keys if mask is not None else 0)) + \
+            chunks * keys * (head_dim + value_dim)
+        return self.output(fresh.unsqueeze(0), rows[None]).view(*entries_shape, n, value_dim)
 
 
 def _mask_rows(mask: Tensor, entries_shape: torch.Size, entry: Tensor, position: Tensor, keys: int) -> Tensor:

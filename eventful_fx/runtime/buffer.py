@@ -49,6 +49,13 @@ class TokenBuffer(StatefulOp):
     def load_stream_state(self, state: dict) -> None:
         self._full, self._scale = state["full"], state.get("scale")
 
+    def holds(self, fresh: Tensor) -> bool:
+        """Whether it holds a full value that tokens like `fresh` [R, k, *C] can be written into (else the
+        next call starts from zeros: only a call writing every token then returns a whole value)."""
+        full = self._full
+        return full is not None and full.shape[0] == fresh.shape[0] and full.shape[2:] == fresh.shape[2:] \
+            and full.dtype == (self.state_dtype or fresh.dtype) and full.device == fresh.device
+
     def forward(self, fresh: Tensor, idx: Tensor, moves: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """`moves`: the gate's reference moves on this call (`TokenGate.moves`), applied before the write."""
         batch, k = idx.shape
@@ -56,8 +63,7 @@ class TokenBuffer(StatefulOp):
         if rows % batch:
             raise ValueError(f"TokenBuffer: {rows} rows of fresh tokens do not split into {batch} streams")
         full, dtype = self._full, self.state_dtype or fresh.dtype
-        if (full is None or full.shape[0] != rows or full.shape[2:] != token_shape
-                or full.dtype != dtype or full.device != fresh.device):
+        if not self.holds(fresh):
             full = self._full = fresh.new_zeros(rows, self.num_tokens, *token_shape, dtype=dtype)
             self._scale = fresh.new_zeros(rows, self.num_tokens, dtype=torch.float32) if dtype == torch.int8 else None
         elif moves is not None:
