@@ -11,7 +11,7 @@ from helpers import rel_err
 
 def _vit():
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2).eval()  # Inductor time grows with depth
 
 
 def test_packed_linears_compute_the_same_model_on_the_same_weights(frames_of):

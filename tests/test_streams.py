@@ -51,7 +51,7 @@ def test_streams_in_changing_groups_equal_one_module_per_stream(model, clips):
 
 @torch.no_grad()
 def test_a_closed_stream_starts_again_with_a_dense_frame(model, clips):
-    pool = StreamPool(model, budget=0.25, max_batch=2)
+    pool = StreamPool(model, budget=0.25, max_batch=2, calibration=None)
     a, b = clips["cam0"], clips["cam1"]
     for t in range(3):
         pool.run(torch.stack([a[t], b[t]]), ["a", "b"])
