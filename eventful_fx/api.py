@@ -213,10 +213,7 @@ class EventfulModule(torch.nn.Module):
         leaves, spec = pytree.tree_flatten((args, kwargs))
         signature = (spec, tuple(_signature(x) for x in leaves))
         if self.check_finite:
-            for x in leaves:  # parameters (graph inputs under torch.compile) are the model's business
-                if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) and x.is_floating_point() \
-                        and not bool(torch.isfinite(x).all()):
-                    raise ValueError("input frame holds NaN or inf values; the eventful state was left untouched")
+            _check_finite(leaves)
         grad_enabled = torch.is_grad_enabled()
         with _inference_only():
             if any(isinstance(x, torch.Tensor) and x.is_inference() for x in leaves):
@@ -695,6 +692,14 @@ def _signature(x) -> tuple:
     if isinstance(x, _PLAIN):
         return ("value", type(x), x)
     return ("object", type(x), id(x))
+
+
+@torch.compiler.disable  # a host read: under torch.compile it runs eagerly, with no graph-break warning
+def _check_finite(leaves: list) -> None:
+    for x in leaves:  # parameters (graph inputs under torch.compile) are the model's business
+        if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) and x.is_floating_point() \
+                and not bool(torch.isfinite(x).all()):
+            raise ValueError("input frame holds NaN or inf values; the eventful state was left untouched")
 
 
 def _describe(signature) -> str:

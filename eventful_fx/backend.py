@@ -6,7 +6,10 @@ meets a name it does not know. `options` go to `eventful_fx.compile` (budget inc
 
 Dynamo hands the backend a graph of torch-level calls with the parameters as inputs; the
 backend wraps it into an EventfulModule, which re-captures it with `torch.export` (so one
-analysis serves every entry point) and owns the state. `eventful_fx.backend(budget=0.5)`
+analysis serves every entry point) and owns the state, and hands that module to Inductor
+(`torch.compile(..., mode=mode)`; the plan's shapes are static, so it compiles once for the
+flush and once for the incremental frames of each budget). `options={"inductor": False}`
+runs the eventful graph eagerly instead: no compile time. `eventful_fx.backend(budget=0.5)`
 returns a backend with other options; `eventful_fx.reset()` starts a new video in every
 module the backends built.
 """
@@ -23,14 +26,24 @@ from .api import EventfulModule
 _modules: "weakref.WeakSet[EventfulModule]" = weakref.WeakSet()
 
 
-def backend(budget: float = 0.25, **options):
-    """A torch.compile backend running the captured graph eventfully with these options."""
+def backend(budget: float = 0.25, *, inductor: bool = True, mode: str | None = None, **options):
+    """A torch.compile backend running the captured graph eventfully with these options, compiled by
+    Inductor in `mode` (None, "reduce-overhead", "max-autotune", ...) unless `inductor=False`."""
+    if not isinstance(inductor, bool):
+        raise ValueError(f"inductor must be True or False, got {inductor!r}")
+    if not inductor and mode is not None:
+        raise ValueError(f"mode={mode!r} is Inductor's; it has no meaning with inductor=False")
+
     def compile_graph(gm: torch.fx.GraphModule, example_inputs):
         gm.eval()  # a fresh GraphModule says "training"; Dynamo traced the model in its own mode
         emodel = EventfulModule(gm, budget, **options)
         emodel.seed_from_outputs = True  # a graph after a graph break reads tokens an earlier graph returned
         _modules.add(emodel)
-        return emodel
+        if not inductor:
+            return emodel
+        compiled = torch.compile(emodel, mode=mode, dynamic=False)  # top-k shapes are static: no symbolic k
+        # a plain function, not the OptimizedModule: Dynamo unwraps a module it is handed back to the eager one
+        return lambda *args: compiled(*args)
     return compile_graph
 
 
@@ -46,11 +59,10 @@ def compiled_modules() -> list[EventfulModule]:
 
 
 def eventful(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
-    """The backend named "eventful": `torch.compile(model, backend="eventful", options={"budget": 0.5, ...})`."""
-    if mode is not None:
-        raise ValueError(f"the eventful backend has no modes (got mode={mode!r}); pass options={{'budget': ...}}")
+    """The backend named "eventful": `torch.compile(model, backend="eventful", mode=..., options={"budget": 0.5, ...})`;
+    `mode` is Inductor's, for the eventful graph."""
     options = dict(options or {})
-    return backend(options.pop("budget", 0.25), **options)(gm, example_inputs)
+    return backend(options.pop("budget", 0.25), mode=mode, **options)(gm, example_inputs)
 
 
 # Dynamo registers the entry point itself when it loads this module through it (and would refuse

@@ -2,45 +2,71 @@
 import subprocess
 import sys
 
+import pytest
 import timm
 import torch
+from torch._dynamo.utils import counters
 
 import eventful_fx
 from eventful_fx.video import builtin_clip
 from helpers import rel_err
 
 
-def test_backend_exact_at_budget_one_and_saves_at_low_budget():
+def _vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", depth=2).eval()  # Inductor's compile time grows with depth
+
+
+def test_backend_compiles_the_eventful_graph_with_inductor_exact_at_one_equal_to_eager():
+    """The default: Dynamo's graph becomes an EventfulModule that Inductor compiles, once for the flush and once
+    for the incremental frames; it gives what the eager eventful graph gives, and resets to a dense frame."""
     torch._dynamo.reset()
     frames = builtin_clip(size=224, max_frames=5)
-    model = timm.create_model("vit_tiny_patch16_224").eval()
-    exact = torch.compile(model, backend=eventful_fx.backend(budget=1.0))
-    cheap = torch.compile(model, backend="eventful")  # default budget 0.25
+    model = _vit()
+    exact = torch.compile(model, backend=eventful_fx.backend(budget=1.0, calibration=None))
+    cheap = torch.compile(model, backend="eventful", options={"calibration": None})  # default budget 0.25
+    eager = torch.compile(model, backend=eventful_fx.backend(budget=0.25, calibration=None, inductor=False))
     errors = []
-    with torch.no_grad():
-        for frame in frames:
-            dense = model(frame[None])
-            assert rel_err(exact(frame[None]), dense) <= 1e-4
-            errors.append(rel_err(cheap(frame[None]), dense))
-    cheap_module = next(m for m in eventful_fx.compiled_modules() if m.budget == 0.25)
-    assert errors[0] <= 1e-5 < errors[-1]
-    assert cheap_module.stats.macs <= 0.27 * cheap_module.stats.dense_macs
-    eventful_fx.reset()
-    with torch.no_grad():
-        assert rel_err(cheap(frames[2][None]), model(frames[2][None])) <= 1e-5  # a flush after reset
+    counters.clear()
+    try:
+        with torch.no_grad():
+            for t, frame in enumerate(frames):
+                if t == 2:  # compiled for the flush (frame 0) and the incremental frames (frame 1): no more
+                    torch._dynamo.config.error_on_recompile = True
+                x = frame[None]
+                dense = model(x)
+                assert rel_err(exact(x), dense) <= 1e-4
+                out = cheap(x)
+                assert rel_err(out, eager(x)) <= 1e-4
+                errors.append(rel_err(out, dense))
+            assert errors[0] <= 1e-5 < errors[-1]
+            assert counters["inductor"], "no graph went through Inductor"
+            cheap_modules = [m for m in eventful_fx.compiled_modules() if m.budget == 0.25]
+            assert len(cheap_modules) == 2 and all(m.stats.macs <= 0.27 * m.stats.dense_macs for m in cheap_modules)
+            eventful_fx.reset()
+            assert rel_err(cheap(frames[2][None]), model(frames[2][None])) <= 1e-5  # a flush after reset
+    finally:
+        torch._dynamo.config.error_on_recompile = False
 
 
 def test_backend_under_inference_mode_then_outside():
     torch._dynamo.reset()
-    frames = builtin_clip(size=224, max_frames=4)
-    model = timm.create_model("vit_tiny_patch16_224").eval()
-    compiled = torch.compile(model, backend=eventful_fx.backend(budget=1.0))
+    frames = builtin_clip(size=224, max_frames=3)
+    model = _vit()
+    compiled = torch.compile(model, backend=eventful_fx.backend(budget=1.0, calibration=None))
     with torch.inference_mode():
         first = compiled(frames[:1])
     assert rel_err(first, model(frames[:1]).detach()) <= 1e-4
     for frame in frames[1:]:  # was: "Inplace update to inference tensor outside InferenceMode"
         with torch.no_grad():
             assert rel_err(compiled(frame[None]), model(frame[None])) <= 1e-4
+
+
+def test_backend_options_are_checked():
+    with pytest.raises(ValueError, match="inductor must be True or False"):
+        eventful_fx.backend(inductor="yes")
+    with pytest.raises(ValueError, match="no meaning with inductor=False"):
+        eventful_fx.backend(inductor=False, mode="reduce-overhead")
 
 
 def test_backend_name_resolves_without_importing_eventful_fx_and_takes_options(tmp_path):
@@ -51,7 +77,7 @@ def test_backend_name_resolves_without_importing_eventful_fx_and_takes_options(t
         "torch.manual_seed(0)\n"
         "model = timm.create_model('vit_tiny_patch16_224').eval()\n"
         "assert 'eventful_fx' not in sys.modules\n"
-        "compiled = torch.compile(model, backend='eventful', options={'budget': 0.5, 'calibration': None})\n"
+        "compiled = torch.compile(model, backend='eventful', options={'budget': 0.5, 'calibration': None, 'inductor': False})\n"
         "torch.manual_seed(1)\n"
         "frames = torch.randn(3, 1, 3, 224, 224)\n"
         "frames[1:] = frames[0] + 0.05 * frames[1:]\n"
@@ -77,8 +103,9 @@ def test_graphs_after_a_graph_break_convert():
     torch.manual_seed(0)
     model = NumpyViT().eval()
     clip = torch.nn.functional.interpolate(builtin_clip(size=224, max_frames=6), size=64)
-    compiled = torch.compile(model, backend=eventful_fx.backend(budget=0.25, calibration=None))
-    exact = torch.compile(NumpyViT().eval(), backend=eventful_fx.backend(budget=1.0, calibration=None))
+    compiled = torch.compile(model, backend=eventful_fx.backend(budget=0.25, calibration=None, inductor=False))
+    exact = torch.compile(NumpyViT().eval(), backend=eventful_fx.backend(budget=1.0, calibration=None,
+                                                                          inductor=False))
     exact._orig_mod.load_state_dict(model.state_dict())
     errors = []
     with torch.no_grad():
