@@ -35,6 +35,20 @@ def test_new_weights_are_used_after_an_in_place_update():
     torch.testing.assert_close(linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
 
 
+def test_a_new_weight_in_a_freed_weights_memory_is_not_taken_for_it():
+    """Under torch.compile the packed copies were keyed by address: a model freed and another of the same
+    shapes built in its memory was multiplied by the first one's packed weights (relative error ~1)."""
+    x = torch.randn(8, 512)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        weight = torch.nn.Parameter(torch.randn(1024, 512))  # 2 MB: freed and re-allocated at the same address
+        with torch.no_grad():
+            torch.nn.init.normal_(weight)  # the same version count on every new weight
+            out = torch.ops.eventful_fx.kernel_linear(x, weight, None, "onednn")
+        assert (out - F.linear(x, weight)).abs().max() <= 1e-3, seed
+        del weight
+
+
 def test_eventful_model_follows_weights_loaded_after_compile():
     clip = builtin_clip(size=224, max_frames=5)
     torch.manual_seed(0)

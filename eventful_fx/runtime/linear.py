@@ -11,12 +11,15 @@ and keeps the winner for the process. Results of the two kernels differ only by 
 Under `torch.compile` the whole choice is one custom op, `eventful_fx::kernel_linear`, that
 Dynamo and Inductor call without looking inside (they cannot trace the packing, and Inductor
 insists a packed oneDNN weight be a graph constant); it keeps one `SparseLinear`, with its
-packed copy, per weight storage for the life of the process.
+packed copy, per live weight tensor. A packed copy is tied to its weight object by a weak
+reference, never by address alone: a model freed and another of the same shapes built in its
+memory would otherwise be multiplied by the first one's packed weights.
 """
 from __future__ import annotations
 
 import math
 import time
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +70,7 @@ class SparseLinear(torch.nn.Module):
         self.kernel = kernel
         self._packed: Tensor | None = None
         self._packed_key = None
+        self._packed_of = None  # weak reference to the weight the packed copy was made from
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if torch.compiler.is_compiling():  # one opaque op for Dynamo: the choice, packing and timing stay eager
@@ -85,14 +89,14 @@ class SparseLinear(torch.nn.Module):
         if choice is None:
             choice = _choices[key] = self._time(x, weight, bias)
             if choice == "torch":  # the packed copy (as large as the weight) is not needed for these rows
-                self._packed = self._packed_key = None
+                self._packed = self._packed_key = self._packed_of = None
         return self._onednn(x, weight, bias) if choice == "onednn" else F.linear(x, weight, bias)
 
     def _onednn(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         key = (weight.data_ptr(), weight._version, weight.shape)
-        if self._packed_key != key:
+        if self._packed_key != key or self._packed_of() is not weight:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
-            self._packed_key = key
+            self._packed_key, self._packed_of = key, weakref.ref(weight)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
 
     def _time(self, x: Tensor, weight: Tensor, bias: Tensor | None, repeats: int = 5, margin: float = 0.97) -> str:
@@ -110,19 +114,25 @@ class SparseLinear(torch.nn.Module):
         return "onednn" if best["onednn"] < margin * best["torch"] else "torch"
 
 
-# under torch.compile: one SparseLinear per weight (by storage and shape), holding its packed copy
-_compiled: dict[tuple, SparseLinear] = {}
+# under torch.compile: (id of a live weight tensor, kernel) -> (weak reference to it, its SparseLinear)
+_compiled: dict[tuple, tuple[weakref.ref, SparseLinear]] = {}
+
+
+def _forget(key: tuple, dead: weakref.ref) -> None:
+    if _compiled.get(key, (None,))[0] is dead:  # not an entry made since for a new tensor with the same id
+        del _compiled[key]
 
 
 @torch.library.custom_op("eventful_fx::kernel_linear", mutates_args=())
 def kernel_linear(x: Tensor, weight: Tensor, bias: Tensor | None, kernel: str) -> Tensor:
     """`SparseLinear(kernel)(x, weight, bias)` as one op Dynamo and Inductor do not look into."""
-    key = (weight.data_ptr(), tuple(weight.shape), weight.dtype, kernel)
-    if key not in _compiled:
-        _compiled[key] = SparseLinear(kernel)
+    key = (id(weight), kernel)
+    entry = _compiled.get(key)
+    if entry is None or entry[0]() is not weight:
+        entry = _compiled[key] = (weakref.ref(weight, lambda dead, key=key: _forget(key, dead)), SparseLinear(kernel))
     # `eager`, not the module's call: is_compiling() is process-wide, so while another thread exports
     # a model it also reads True here, and forward would call this op again (RecursionError)
-    return _compiled[key].eager(x, weight, bias)
+    return entry[1].eager(x, weight, bias)
 
 
 @kernel_linear.register_fake
