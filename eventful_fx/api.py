@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import math
 import sys
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -330,27 +331,25 @@ class EventfulModule(torch.nn.Module):
     # -- internals ------------------------------------------------------------------------
     @torch.compiler.disable  # under torch.compile: capture, analysis and planning run eagerly, once
     def _build(self, args: tuple, kwargs: dict, calibrations: dict | None = None) -> None:
-        try:
-            gm = FuseExplicitAttention().call(capture(self.model, tuple(args), kwargs))
-        except CaptureError as error:
-            if self.seed_from_outputs:  # one of Dynamo's graphs already
-                raise
-            self._via_dynamo(error)
-            return
-        seeds = None
-        if self.seed_from_outputs:
-            seeds = {i: _token_ids_of(x) for i, x in enumerate(pytree.tree_leaves((tuple(args), kwargs)))
-                     if _token_ids_of(x) is not None}
-        analysis = TokenAnalysis(gm, seeds)
-        infos = analysis.run()
-        self._output_ids = analysis.output_ids if self.seed_from_outputs else None
-        regions, sites = find_regions(gm, infos, dense_residual=self.dense_residual)
-        attach_neighbours(gm, infos, regions, sites, self.attention, MATCH_RADIUS if self.neighbour_reuse else 0)
         leaves, spec = pytree.tree_flatten((tuple(args), kwargs))
-        self._captured = (gm, infos, regions, sites, _batch_size(infos, leaves))
+        signature = (spec, tuple(_signature(x) for x in leaves))
+        key = None if self.seed_from_outputs else \
+            (id(self.model), self.model.training, signature, self.dense_residual, self.attention, self.neighbour_reuse)
+        captured = _cached_capture(key, self.model)
+        if captured is None:
+            try:
+                captured = self._capture(args, kwargs, leaves)
+            except CaptureError as error:
+                if self.seed_from_outputs:  # one of Dynamo's graphs already
+                    raise
+                self._via_dynamo(error)
+                return
+            _keep_capture(key, self.model, captured)
+        *captured, self._output_ids = captured
+        self._captured = gm, infos, regions, sites, _ = tuple(captured)
         self._batch = self._captured[4]
         self._dense_macs = sum(i.macs for i in infos.values())
-        self._signature = (spec, tuple(_signature(x) for x in leaves))
+        self._signature = signature
         self._model_parts, self._parts_generation = _model_parts(self.model), _registrations
         self._params_require_grad = any(p.requires_grad for p in self.model.parameters())
         self.planner = Planner(gm, infos, regions, sites, self._batch, attention=self.attention,
@@ -361,6 +360,19 @@ class EventfulModule(torch.nn.Module):
         self.__dict__["graph_module"] = None
         self.decision = None
         self._apply_plan()
+
+    def _capture(self, args: tuple, kwargs: dict, leaves: list) -> tuple:
+        """The model's graph, its token analysis and gated regions: (gm, infos, regions, sites, batch, output ids)."""
+        gm = FuseExplicitAttention().call(capture(self.model, tuple(args), kwargs))
+        seeds = None
+        if self.seed_from_outputs:
+            seeds = {i: _token_ids_of(x) for i, x in enumerate(leaves) if _token_ids_of(x) is not None}
+        analysis = TokenAnalysis(gm, seeds)
+        infos = analysis.run()
+        regions, sites = find_regions(gm, infos, dense_residual=self.dense_residual)
+        attach_neighbours(gm, infos, regions, sites, self.attention, MATCH_RADIUS if self.neighbour_reuse else 0)
+        output_ids = analysis.output_ids if self.seed_from_outputs else None
+        return gm, infos, regions, sites, _batch_size(infos, leaves), output_ids
 
     def _via_dynamo(self, error: CaptureError) -> None:
         """No tracer captures the model as one graph: let Dynamo cut it where it cannot trace (the line the
@@ -601,6 +613,54 @@ BUILTIN_CALIBRATION_CLIPS = ("synthetic", "real")  # the built-in clips (`video.
 # built-in calibrations measured in this process, by what they depend on (`_builtin_calibration_key`): a second
 # module of the same model (another camera, a StreamPool replica, a re-capture back to an earlier input size)
 # plans at once instead of spending seconds measuring the same thing again
+# Captures by (model, input signature, analysis options), shared by every module built on them in this
+# process (a StreamPool's batch sizes, a second camera's module, calibration): torch.export takes ~80% of
+# a build (1.5-2 s for ViT-Ti on two cores), and nothing modifies a capture after `_capture`. An entry is
+# used only while its model is alive with the same parameters, buffers and submodules (by identity); a
+# graph holding runtime asserts (a branch or check on a value the first frame read) is not shared, since
+# another module's first frame may take the other path.
+_CAPTURES: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+CAPTURES_KEPT = 8
+_captures_lock = threading.Lock()
+
+
+def _cached_capture(key: tuple | None, model: torch.nn.Module) -> tuple | None:
+    if key is None or not _hashable(key):
+        return None
+    with _captures_lock:
+        entry = _CAPTURES.get(key)
+        if entry is not None:
+            _CAPTURES.move_to_end(key)
+    if entry is None:
+        return None
+    model_ref, parts, captured = entry
+    same = model_ref() is model and len(parts) == len(now := _model_parts(model)) and all(
+        a[0] == b[0] and a[1] is b[1] for a, b in zip(parts, now))
+    return captured if same else None
+
+
+def _keep_capture(key: tuple | None, model: torch.nn.Module, captured: tuple) -> None:
+    if key is None or not _hashable(key) or \
+            any(n.op == "call_function" and n.target in _RUNTIME_ASSERTS for n in captured[0].graph.nodes):
+        return
+    with _captures_lock:
+        _CAPTURES[key] = (weakref.ref(model), _model_parts(model), captured)
+        while len(_CAPTURES) > CAPTURES_KEPT:
+            _CAPTURES.popitem(last=False)
+
+
+def _hashable(key: tuple) -> bool:
+    try:
+        hash(key)
+    except TypeError:  # an input tree whose spec holds a list (a dict's keys): built without the cache
+        return False
+    return True
+
+
+_RUNTIME_ASSERTS = (torch.ops.aten._assert_scalar.default, torch.ops.aten._assert_async.msg,
+                    torch.ops.aten._assert_async.default)
+
+
 _BUILTIN_CALIBRATIONS: "collections.OrderedDict[tuple, Calibration]" = collections.OrderedDict()
 BUILTIN_CALIBRATIONS_KEPT = 32
 # rebuilt from the saved stream state when unpickled or deep-copied (see __getstate__)

@@ -75,7 +75,7 @@ def test_backend_name_resolves_without_importing_eventful_fx_and_takes_options(t
     script.write_text(
         "import sys, timm, torch\n"
         "torch.manual_seed(0)\n"
-        "model = timm.create_model('vit_tiny_patch16_224').eval()\n"
+        "model = timm.create_model('vit_tiny_patch16_224', depth=2).eval()\n"
         "assert 'eventful_fx' not in sys.modules\n"
         "compiled = torch.compile(model, backend='eventful', options={'budget': 0.5, 'calibration': None, 'inductor': False})\n"
         "torch.manual_seed(1)\n"

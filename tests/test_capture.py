@@ -117,3 +117,39 @@ def test_compile_runs_the_graphs_dynamo_captures_around_a_line_no_tracer_capture
     assert_matches_dense(emodel, model, clip[2:3], tol=1e-4)  # a flush
     with pytest.raises(NotImplementedError, match="Dynamo"):
         emodel.state_dict()
+
+
+def test_a_second_module_of_the_same_model_shares_its_capture_and_keeps_its_own_streams():
+    """torch.export is most of a build: modules of one model, input and analysis options share one capture
+    (a StreamPool's batch sizes, a second camera). Each still runs its own state; a replaced parameter,
+    another input signature or other analysis options capture again."""
+    from eventful_fx import api
+
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    clip = torch.nn.functional.interpolate(builtin_clip(size=224, max_frames=5), size=64)
+    other = clip.flip(-1)
+    api._CAPTURES.clear()
+    first, second = (eventful_fx.compile(model, budget=0.25, calibration=None) for _ in range(2))
+    with torch.no_grad():
+        outs = []
+        for a, b in zip(clip, other):
+            first(a[None])
+            outs.append(second(b[None]))
+        assert second._captured[0] is first._captured[0] and second.graph_module is not first.graph_module
+        api._CAPTURES.clear()
+        alone = eventful_fx.compile(model, budget=0.25, calibration=None)
+        for b, out in zip(other, outs):  # the second module's frames, as if the first had never run
+            assert torch.equal(alone(b[None]), out)
+        assert alone._captured[0] is not first._captured[0]
+
+        pair = eventful_fx.compile(model, budget=0.25, calibration=None)
+        pair(clip[:2])  # another input signature: two streams
+        assert pair._captured[0] is not alone._captured[0]
+        dense = eventful_fx.compile(model, budget=0.25, calibration=None, attention="dense")
+        dense(clip[:1])
+        assert dense._captured[0] is not alone._captured[0]
+        model.head = torch.nn.Linear(model.head.in_features, model.head.out_features)  # a replaced submodule
+        replaced = eventful_fx.compile(model, budget=1.0, calibration=None)
+        assert_matches_dense(replaced, model, clip[:2], tol=1e-5)
+        assert replaced._captured[0] is not alone._captured[0]

@@ -39,18 +39,17 @@ def clip12():
     return builtin_clip(size=224, max_frames=12)
 
 
-def errors(model, frames, **options) -> list[float]:
-    """Per incremental frame: ||eventful - dense|| / ||dense|| (frame 0 is the flush)."""
+def dense_outputs(model, frames) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(frame[None]) for frame in frames]
+
+
+def errors(model, frames, dense: list | None = None, **options) -> list[float]:
+    """Per incremental frame: ||eventful - dense|| / ||dense|| (frame 0 is the flush); `dense`: the
+    dense model's outputs on these frames, when a test compares several runs with them."""
+    dense = dense_outputs(model, frames) if dense is None else dense
     emodel = eventful_fx.compile(model, **options)
-    out = []
-    for t, frame in enumerate(frames):
-        x = frame[None]
-        with torch.no_grad():
-            dense = model(x)
-        y = emodel(x)
-        if t:
-            out.append(rel_err(y, dense))
-    return out
+    return [rel_err(emodel(frame[None]), d) for frame, d in zip(frames, dense)][1:]
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if "base" in n else n
@@ -58,9 +57,10 @@ def errors(model, frames, **options) -> list[float]:
 def test_all_token_error_at_quarter_budget(name, clip12):
     torch.manual_seed(0)
     backbone = Tokens(timm.create_model(name).eval()).eval()
-    errs = errors(backbone, clip12, budget=0.25)
+    dense = dense_outputs(backbone, clip12)
+    errs = errors(backbone, clip12, dense, budget=0.25)
     mean, worst = RECORDED_TOKENS[name]
-    original = original_error_at(backbone.vit, clip12, 0.25)
+    original = original_error_at(backbone.vit, clip12, 0.25, dense)
     print(f"{name}: all-token error mean {sum(errs) / len(errs):.4f}, worst frame {max(errs):.4f}; "
           f"the original at the same MACs {original:.4f}")
     assert sum(errs) / len(errs) <= MARGIN * mean
@@ -68,11 +68,9 @@ def test_all_token_error_at_quarter_budget(name, clip12):
     assert sum(errs) / len(errs) < original  # issue 10's must: no more error than the original at equal MACs
 
 
-def original_error_at(vit, frames, macs: float) -> float:
+def original_error_at(vit, frames, macs: float, dense: list) -> float:
     """The original Eventful Transformers' all-token error at a MAC fraction: its token-wise blocks
     (`benchmarks/original_tokenwise.py`) at k = N/4 and N/8, interpolated linearly in log error."""
-    with torch.no_grad():
-        dense = [Tokens(vit)(f[None]) for f in frames]
     n = dense[0].shape[1]
     points = []
     for k in (n // 4, n // 8):
@@ -109,15 +107,17 @@ def test_dense_residual_halves_the_error_of_gating_the_residual_stream(clip12):
     torch.manual_seed(0)
     backbone = Tokens(timm.create_model("vit_small_patch16_224").eval()).eval()
     frames = clip12[:6]
-    branch = errors(backbone, frames, budget=0.25, calibration=None)
-    stream = errors(backbone, frames, budget=0.25, calibration=None, dense_residual=False)
+    dense = dense_outputs(backbone, frames)
+    branch = errors(backbone, frames, dense, budget=0.25, calibration=None)
+    stream = errors(backbone, frames, dense, budget=0.25, calibration=None, dense_residual=False)
     assert sum(branch) < 0.6 * sum(stream)
 
 
 def test_error_grows_as_the_budget_falls(clip12):
     torch.manual_seed(0)
     backbone = Tokens(timm.create_model("vit_small_patch16_224").eval()).eval()
-    means = [sum(e) / len(e) for e in (errors(backbone, clip12[:6], budget=b, calibration=None)
+    dense = dense_outputs(backbone, clip12[:6])
+    means = [sum(e) / len(e) for e in (errors(backbone, clip12[:6], dense, budget=b, calibration=None)
                                         for b in (1.0, 0.5, 0.25, 0.125))]
     assert means[0] <= 1e-4
     assert means[0] < means[1] < means[2] < means[3]
