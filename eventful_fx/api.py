@@ -635,7 +635,7 @@ def _cached_capture(key: tuple | None, model: torch.nn.Module) -> tuple | None:
         return None
     model_ref, parts, captured = entry
     same = model_ref() is model and len(parts) == len(now := _model_parts(model)) and all(
-        a[0] == b[0] and a[1] is b[1] for a, b in zip(parts, now))
+        name == now_name and ref() is part for (name, ref), (now_name, part) in zip(parts, now))
     return captured if same else None
 
 
@@ -643,10 +643,16 @@ def _keep_capture(key: tuple | None, model: torch.nn.Module, captured: tuple) ->
     if key is None or not _hashable(key) or \
             any(n.op == "call_function" and n.target in _RUNTIME_ASSERTS for n in captured[0].graph.nodes):
         return
-    with _captures_lock:
-        _CAPTURES[key] = (weakref.ref(model), _model_parts(model), captured)
+    with _captures_lock:  # the entry goes with its model: the capture holds the model's weights
+        _CAPTURES[key] = (weakref.ref(model, lambda _: _drop_capture(key)),
+                          [(name, weakref.ref(part)) for name, part in _model_parts(model)], captured)
         while len(_CAPTURES) > CAPTURES_KEPT:
             _CAPTURES.popitem(last=False)
+
+
+def _drop_capture(key: tuple) -> None:
+    with _captures_lock:
+        _CAPTURES.pop(key, None)
 
 
 def _hashable(key: tuple) -> bool:

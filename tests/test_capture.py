@@ -153,3 +153,19 @@ def test_a_second_module_of_the_same_model_shares_its_capture_and_keeps_its_own_
         replaced = eventful_fx.compile(model, budget=1.0, calibration=None)
         assert_matches_dense(replaced, model, clip[:2], tol=1e-5)
         assert replaced._captured[0] is not alone._captured[0]
+
+
+def test_a_shared_capture_does_not_keep_its_model_alive():
+    """The shared capture holds the model's weights: it must go with the model, not keep it in memory."""
+    import gc
+    import weakref
+
+    model = TinyViT().eval()
+    weight = weakref.ref(model.head.weight)
+    emodel = eventful_fx.compile(model, budget=0.25, calibration=None)
+    with torch.no_grad():
+        emodel(torch.randn(1, 3, 64, 64))
+    del model, emodel
+    gc.collect()
+    gc.collect()  # the entry leaves the cache during the first collection, its graph in the next
+    assert weight() is None
