@@ -52,10 +52,10 @@ def test_bad_heatmap_path(tmp_path, capsys):
 
 def test_cli_heatmap(tmp_path):
     out = tmp_path / "h.mp4"
-    assert main(["run", "--model", "vit_tiny_patch16_224", "--frames", "3", "--baselines", "eager",
+    assert main(["run", "--model", "vit_tiny_patch16_224", "--size", "96", "--frames", "3", "--baselines", "eager",
                  "--heatmap", str(out)]) == 0
     frames = _decode(out)
-    assert len(frames) == 3 and frames[0].shape == (224, 448, 3)
+    assert len(frames) == 3 and frames[0].shape == (96, 192, 3)
 
 
 def test_error_panel_reads_feature_maps_on_the_token_grid():
