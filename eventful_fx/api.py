@@ -621,7 +621,8 @@ BUILTIN_CALIBRATION_CLIPS = ("synthetic", "real")  # the built-in clips (`video.
 # another module's first frame may take the other path.
 _CAPTURES: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 CAPTURES_KEPT = 8
-_captures_lock = threading.Lock()
+# re-entrant: a garbage collection inside a locked section may run a dying model's callback on this thread
+_captures_lock = threading.RLock()
 
 
 def _cached_capture(key: tuple | None, model: torch.nn.Module) -> tuple | None:
@@ -643,16 +644,19 @@ def _keep_capture(key: tuple | None, model: torch.nn.Module, captured: tuple) ->
     if key is None or not _hashable(key) or \
             any(n.op == "call_function" and n.target in _RUNTIME_ASSERTS for n in captured[0].graph.nodes):
         return
-    with _captures_lock:  # the entry goes with its model: the capture holds the model's weights
-        _CAPTURES[key] = (weakref.ref(model, lambda _: _drop_capture(key)),
-                          [(name, weakref.ref(part)) for name, part in _model_parts(model)], captured)
+    # the entry goes with its model (the capture holds the model's weights)
+    entry = (weakref.ref(model, lambda dead: _drop_capture(key, dead)),
+             [(name, weakref.ref(part)) for name, part in _model_parts(model)], captured)
+    with _captures_lock:
+        _CAPTURES[key] = entry
         while len(_CAPTURES) > CAPTURES_KEPT:
             _CAPTURES.popitem(last=False)
 
 
-def _drop_capture(key: tuple) -> None:
+def _drop_capture(key: tuple, dead: weakref.ref) -> None:
     with _captures_lock:
-        _CAPTURES.pop(key, None)
+        if _CAPTURES.get(key, (None,))[0] is dead:  # not a newer entry under the same key
+            del _CAPTURES[key]
 
 
 def _hashable(key: tuple) -> bool:

@@ -169,3 +169,26 @@ def test_a_shared_capture_does_not_keep_its_model_alive():
     gc.collect()
     gc.collect()  # the entry leaves the cache during the first collection, its graph in the next
     assert weight() is None
+
+
+def test_a_model_dying_inside_the_capture_cache_lock_does_not_deadlock():
+    """A garbage collection inside the cache's locked section runs a dying model's callback on the same
+    thread, which takes the lock again: with a plain lock the suite hung in CI."""
+    import gc
+    import threading
+
+    from eventful_fx import api
+
+    def build_then_die_while_locked():
+        model = TinyViT().eval()
+        emodel = eventful_fx.compile(model, budget=0.25, calibration=None)
+        with torch.no_grad():
+            emodel(torch.randn(1, 3, 64, 64))
+        with api._captures_lock:
+            del model, emodel
+            gc.collect()
+
+    worker = threading.Thread(target=build_then_die_while_locked, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "deadlocked"
