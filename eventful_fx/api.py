@@ -335,6 +335,7 @@ class EventfulModule(torch.nn.Module):
         signature = (spec, tuple(_signature(x) for x in leaves))
         key = None if self.seed_from_outputs else \
             (id(self.model), self.model.training, signature, self.dense_residual, self.attention, self.neighbour_reuse)
+        key = key if key is not None and _hashable(key) else None
         captured = _cached_capture(key, self.model)
         if captured is None:
             try:
@@ -610,9 +611,6 @@ _STATE_VERSION = 1
 # default plan stays uniform
 BUILTIN_CALIBRATION_MAX_MACS = 6e12
 BUILTIN_CALIBRATION_CLIPS = ("synthetic", "real")  # the built-in clips (`video.builtin_clip`), each counting alone
-# built-in calibrations measured in this process, by what they depend on (`_builtin_calibration_key`): a second
-# module of the same model (another camera, a StreamPool replica, a re-capture back to an earlier input size)
-# plans at once instead of spending seconds measuring the same thing again
 # Captures by (model, input signature, analysis options), shared by every module built on them in this
 # process (a StreamPool's batch sizes, a second camera's module, calibration): torch.export takes ~80% of
 # a build (1.5-2 s for ViT-Ti on two cores), and nothing modifies a capture after `_capture`. An entry is
@@ -626,7 +624,7 @@ _captures_lock = threading.RLock()
 
 
 def _cached_capture(key: tuple | None, model: torch.nn.Module) -> tuple | None:
-    if key is None or not _hashable(key):
+    if key is None:
         return None
     with _captures_lock:
         entry = _CAPTURES.get(key)
@@ -641,8 +639,7 @@ def _cached_capture(key: tuple | None, model: torch.nn.Module) -> tuple | None:
 
 
 def _keep_capture(key: tuple | None, model: torch.nn.Module, captured: tuple) -> None:
-    if key is None or not _hashable(key) or \
-            any(n.op == "call_function" and n.target in _RUNTIME_ASSERTS for n in captured[0].graph.nodes):
+    if key is None or any(n.op == "call_function" and n.target in _RUNTIME_ASSERTS for n in captured[0].graph.nodes):
         return
     # the entry goes with its model (the capture holds the model's weights)
     entry = (weakref.ref(model, lambda dead: _drop_capture(key, dead)),
@@ -671,6 +668,9 @@ _RUNTIME_ASSERTS = (torch.ops.aten._assert_scalar.default, torch.ops.aten._asser
                     torch.ops.aten._assert_async.default)
 
 
+# built-in calibrations measured in this process, by what they depend on (`_builtin_calibration_key`): a second
+# module of the same model (another camera, a StreamPool replica, a re-capture back to an earlier input size)
+# plans at once instead of spending seconds measuring the same thing again
 _BUILTIN_CALIBRATIONS: "collections.OrderedDict[tuple, Calibration]" = collections.OrderedDict()
 BUILTIN_CALIBRATIONS_KEPT = 32
 # rebuilt from the saved stream state when unpickled or deep-copied (see __getstate__)
