@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 
+import numpy as np
 import pytest
 import sympy
 import timm
@@ -102,6 +103,36 @@ def test_budget_sweep_stays_in_band(compiled):
     cm = emodel.decision.model
     assert emodel.decision.ks == {g: cm.gates[g].num_tokens for g in cm.gates}
     emodel.budget = 0.25
+
+
+def test_plan_favouring_queries_is_no_slower_than_uniform(compiled):
+    """Weights that prize the gates in front of attention would buy their queries (3x a GEMM's time per
+    MAC): the plan must still fit the MACs, take no longer than the uniform plan, and beat its error model."""
+    from eventful_fx.cost_model.solver import BudgetSolver, uniform_ks
+
+    model, emodel, frames = compiled("vit_base_patch16_224")
+    cm = emodel.decision.model
+    probe = BudgetSolver(cm, "macs")
+    weights = {name: (20.0 if probe.attention_per_k[i] > 0 else 1.0) for i, name in enumerate(probe.names)}
+    solver = BudgetSolver(cm, weights)
+    assert solver.keeps_time and not probe.keeps_time
+
+    def time_of(ks):
+        return sum(solver.time_per_k[i] * ks[name] for i, name in enumerate(solver.names) if name in ks)
+
+    for budget in [0.125, 0.25, 0.5]:
+        uniform = uniform_ks(cm, budget)
+        plan = solver.solve(budget)
+        assert not plan.ungated  # the times below compare the same gates
+        assert plan.predicted_macs <= budget * cm.dense_macs * (1 + 1e-9)
+        assert time_of(plan.ks) <= time_of(uniform) * (1 + 1e-6), budget
+        solver.keeps_time = False
+        free = solver.solve(budget)
+        solver.keeps_time = True
+        assert time_of(free.ks) > time_of(uniform) * 1.02, budget  # without the time budget it would run slower
+        active = np.array([name in plan.ks for name in solver.names])
+        k_uniform = np.array([uniform[name] for name in solver.names])
+        assert plan.objective < solver.objective(k_uniform, active), budget
 
 
 def test_replan_is_fast_and_keeps_the_graph(compiled):

@@ -23,6 +23,18 @@ per token of g) is optimal for this separable knapsack up to the last token; tha
 depends on the structure alone, so a new budget only cuts a precomputed cumulative cost
 (well under a millisecond); the lambdified gradient gives each gate's MACs per token.
 
+Time. MACs are not all equally fast: attention's (a softmax between two small products)
+take about ATTENTION_TIME times a GEMM's per MAC, so a plan that buys accuracy with queries
+can meet the MAC budget and still run slower than the uniform plan (ViT-B/384 at 0.25: the
+calibrated plan gave qkv gates 2568 query rows to the uniform plan's 1692 and ran 7% slower).
+With calibrated or cascade weights the solver therefore meets two budgets: the MACs, and a
+time no longer than the uniform plan's at the same budget (`time_per_k`: each gate's MACs per
+token with attention's counted ATTENTION_TIME times). The order is priced by
+gain / (MACs + (p - 1) · attention MACs), with the price p in [1, ATTENTION_TIME] bisected
+until the cut that meets both budgets leaves neither with room (a Lagrange multiplier): the
+most accurate plan the model knows that is no slower than the uniform one. Re-planning then
+takes a few milliseconds (3.4 ms on ViT-B/224): a dozen sorts of every gate's tokens.
+
 A gate whose allotted k makes its region cost at least as much as running it densely is
 dropped (`ungated`): a dense region is exact and cheaper. Gates that feed a converted
 attention site stay: their sites need sparse queries. Budget 1.0 is exact: every gate keeps
@@ -36,6 +48,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .expressions import CostModel
+
+# Time per MAC of gated attention (SDPA on the selected queries against all N keys) over that of
+# the gated linears' GEMMs, inside an incremental frame of ViT-B/384 at budget 0.25: 17.8 us per
+# query row of 0.886 M MACs (20 us per M) against 5.9 us per M MACs for the linears (2-core AMD
+# EPYC, AVX-512, float32, `benchmarks/profile_frame.py`). With 1.7 the plan ran no faster than
+# with no time budget at all.
+ATTENTION_TIME = 3.0
+PRICE_STEPS = 12  # bisection steps for the attention price (a 1/4000 of the range)
 
 
 def staleness(f):
@@ -69,7 +89,8 @@ class BudgetSolver:
 
     def __init__(self, cm: CostModel, weights: str | dict[str, float] = "cascade"):
         """`weights`: "cascade" (the squared count of regions a skipped token leaves stale), "macs" (each
-        gate's MACs per token: the uniform plan) or a number per gate."""
+        gate's MACs per token: the uniform plan) or a number per gate. Any but "macs" also keeps to the
+        uniform plan's time (module docstring)."""
         self.cm = cm
         self.names = list(cm.gates)
         const, per_k, dense, n, kmin = cm.gate_arrays()
@@ -99,6 +120,13 @@ class BudgetSolver:
         self.sorted_gate = self.item_gate[self.order]
         self.sorted_cost = per_k[self.sorted_gate]
         self.cum_cost = np.cumsum(self.sorted_cost)
+        attention = np.zeros(len(self.names))
+        for term in cm.terms:
+            if term.what == "attention" and term.gate is not None:
+                attention[self.names.index(term.gate)] += float(term.per_k)
+        self.attention_per_k = attention
+        self.time_per_k = per_k + (ATTENTION_TIME - 1) * attention
+        self.keeps_time = weights != "macs" and bool(attention.any())
 
     def objective(self, k: np.ndarray, active: np.ndarray) -> float:
         return float(sum(self.weights[i] * staleness(k[i] / self.n[i]) for i in np.flatnonzero(active)))
@@ -112,6 +140,8 @@ class BudgetSolver:
         active = np.ones(g, dtype=bool)
         while True:
             k = self._allot(limit, active)
+            if self.keeps_time:
+                k = self._keep_time(k, limit, budget, active)
             gated_cost = self.const + self.per_k * k
             drop = active & self.removable & (gated_cost >= self.dense)
             if not drop.any():
@@ -128,7 +158,36 @@ class BudgetSolver:
     def _cost(self, k: np.ndarray, active: np.ndarray) -> float:
         return self.static + float(np.sum(np.where(active, self.const + self.per_k * k, self.dense)))
 
-    def _allot(self, limit: float, active: np.ndarray) -> np.ndarray:
+    def _time(self, k: np.ndarray, active: np.ndarray) -> float:
+        """Time of the per-token work above each active gate's least k, in GEMM MACs."""
+        return float(np.sum(np.where(active, self.time_per_k * (k - self.kmin), 0.0)))
+
+    def _keep_time(self, k: np.ndarray, limit: float, budget: float, active: np.ndarray) -> np.ndarray:
+        """k, or if slower than the uniform plan at `budget`, the plan priced to meet both budgets."""
+        uniform = uniform_ks(self.cm, budget)
+        time_room = self._time(np.array([uniform[name] for name in self.names]), active) * (1 + 1e-9)
+        if self._time(k, active) <= time_room:
+            return k
+        low, high = 1.0, ATTENTION_TIME
+        best = self._allot(limit, active, high, time_room)
+        for _ in range(PRICE_STEPS):
+            price = (low + high) / 2
+            k, time_bound = self._allot(limit, active, price, time_room, report=True)
+            if time_bound:  # the time ran out first: queries are still too cheap
+                low = price
+            else:
+                high, best = price, k
+        return best
+
+    def _allot(self, limit: float, active: np.ndarray, price: float = 1.0, time_room: float | None = None,
+               report: bool = False):
+        """Each gate's k: the order's tokens while the MACs fit (and the time, when `time_room` is given).
+
+        `price`: attention's MACs count `price` times in the order (1: the order made once in __init__).
+        `report`: also return whether the time budget, not the MACs, ended the cut."""
+        if time_room is not None:
+            k, time_bound = self._allot_priced(limit, active, price, time_room)
+            return (k, time_bound) if report else k
         k = self.kmin.astype(np.int64).copy()
         room = limit - self._base(active)
         if room <= 0:
@@ -152,6 +211,25 @@ class BudgetSolver:
                 k[i] += extra
                 left -= extra * self.per_k[i]
         return k
+
+    def _allot_priced(self, limit: float, active: np.ndarray, price: float, time_room: float):
+        k = self.kmin.astype(np.int64).copy()
+        room = limit - self._base(active)
+        if room <= 0:
+            return k, False
+        priced = self.per_k + (price - 1) * self.attention_per_k
+        ratio = np.concatenate([self.gains[i] / max(priced[i], 1e-12) for i in range(len(self.names))])
+        order = np.argsort(-ratio, kind="stable")
+        gate = self.item_gate[order]
+        take = active[gate]
+        cum_macs = np.cumsum(np.where(take, self.per_k[gate], 0.0))
+        cum_time = np.cumsum(np.where(take, self.time_per_k[gate], 0.0))
+        by_macs = int(np.searchsorted(cum_macs, room * (1 - 1e-12), side="right"))
+        by_time = int(np.searchsorted(cum_time, time_room, side="right"))
+        count = min(by_macs, by_time)
+        chosen = gate[:count][take[:count]]
+        k += np.bincount(chosen, minlength=len(self.names))
+        return k, by_time < by_macs
 
     def predict(self, ks: dict[str, int]) -> float:
         return self.cm.predict_macs(ks)
