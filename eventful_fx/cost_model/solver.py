@@ -165,7 +165,10 @@ class BudgetSolver:
     def _keep_time(self, k: np.ndarray, limit: float, budget: float, active: np.ndarray) -> np.ndarray:
         """k, or if slower than the uniform plan at `budget`, the plan priced to meet both budgets."""
         uniform = uniform_ks(self.cm, budget)
-        time_room = self._time(np.array([uniform[name] for name in self.names]), active) * (1 + 1e-9)
+        # the uniform plan rounds every gate's k down: one token more per gate is still its time
+        # (and a plan whose weights are the MACs, tied everywhere, is not pushed off uniform by a hair)
+        time_room = self._time(np.array([uniform[name] for name in self.names]), active) + \
+            float(np.sum(np.where(active, self.time_per_k, 0.0)))
         if self._time(k, active) <= time_room:
             return k
         low, high = 1.0, ATTENTION_TIME
