@@ -7,7 +7,9 @@ budget runs eagerly and under `torch.compile(mode="reduce-overhead")`, all in fl
 (each stream a shifted copy). The speedup is against the fastest dense run of the same
 configuration; errors are against the dense eager output of the same frame, on every output
 token. It also checks that an incremental frame of the eager eventful model does not wait for
-the device (`torch.cuda.set_sync_debug_mode`). Rows are written as JSON after each
+the device (`torch.cuda.set_sync_debug_mode`). Where Triton runs, the eventful model also runs with its
+gates on PyTorch's ops ("torch gates"), and the Triton kernels are first timed alone against the ops
+they replace (`runtime/triton_kernels.py`). Rows are written as JSON after each
 configuration, so a run cut short still leaves what it measured; `--minutes` stops starting
 new configurations after that long.
 
@@ -29,6 +31,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import eventful_fx
+from eventful_fx.runtime import triton_kernels
 from eventful_fx.video import builtin_clip
 
 # the issue's targets first (SAM at 1024, 8 streams of ViT-B/384), should `--minutes` cut the run short
@@ -66,6 +69,54 @@ def _host_syncs(emodel, frame: torch.Tensor) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def _torch_gates(run):
+    def call(x):
+        triton_kernels.ENABLED = False
+        try:
+            return run(x)
+        finally:
+            triton_kernels.ENABLED = True
+    return call
+
+
+def _median_ms(fn, device: torch.device, repeat: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def kernel_rows(device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """The Triton kernels against the PyTorch ops they replace, at ViT-B/384's sizes (N = 577, k = 144)."""
+    from eventful_fx.runtime import TokenGate, TopK
+    rows = []
+    for streams in (1, 8):
+        x = torch.randn(streams, 577, 768, device=device, dtype=dtype)
+        for kind in ("torch", "triton"):
+            gate = TokenGate(TopK(144))
+            gate(x)
+            triton_kernels.ENABLED = kind == "triton"
+            moved = x + 0.1
+            rows.append({"kernel": f"gate, {streams} streams", "impl": kind,
+                         "ms": _median_ms(lambda: gate(moved), device)})
+            triton_kernels.ENABLED = True
+    a = torch.randn(144, 768, device=device, dtype=dtype)
+    weight, bias = torch.randn(3072, 768, device=device, dtype=dtype), torch.randn(3072, device=device, dtype=dtype)
+    where = torch.randperm(577, device=device)[:144]
+    out = torch.zeros(577, 3072, device=device, dtype=dtype)
+    for kind, fn in (("torch", triton_kernels.gathered_linear_into_reference),
+                     ("triton", triton_kernels.gathered_linear_into)):
+        rows.append({"kernel": "linear 768->3072 on 144 rows into a buffer", "impl": kind,
+                     "ms": _median_ms(lambda: fn(a, weight, bias, where, out), device)})
+    return rows
+
+
 def run_config(name: str, streams: int, args, device: torch.device, dtype: torch.dtype) -> dict:
     counters.clear()
     torch.manual_seed(0)
@@ -78,6 +129,8 @@ def run_config(name: str, streams: int, args, device: torch.device, dtype: torch
     eager_eventful = {}
     for budget in args.budgets:
         eager_eventful[budget] = runs[f"eventful {budget} eager"] = eventful_fx.compile(model, budget=budget)
+        if triton_kernels.enabled(frames[0]):  # the same model with its gates on PyTorch's ops
+            runs[f"eventful {budget} eager, torch gates"] = _torch_gates(eventful_fx.compile(model, budget=budget))
         runs[f"eventful {budget} cudagraphs"] = torch.compile(eventful_fx.compile(model, budget=budget),
                                                               mode="reduce-overhead")
     times = {r: [] for r in runs}
@@ -162,6 +215,10 @@ def main() -> None:
               "budgets": args.budgets, "frames": args.frames, "results": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if triton_kernels.enabled(torch.empty(0, device=device)):
+        report["kernels"] = kernel_rows(device, dtype)
+        for row in report["kernels"]:
+            print(f"{row['kernel']}, {row['impl']}: {row['ms']:.3f} ms", flush=True)
     start = time.perf_counter()
     for config in args.configs.split(","):
         if (time.perf_counter() - start) / 60 > args.minutes:

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from . import triton_kernels
 from .policy import Policy
 from .state import StatefulOp, decode_tokens, encode_tokens, tensor_bytes
 
@@ -78,6 +79,12 @@ def _token_distances(x: Tensor, ref: Tensor, dtype: torch.dtype, scale: Tensor |
     if x.dtype != ref.dtype:  # the reference holds x rounded to the state dtype: compare like with like
         x, ref = decode_tokens(*encode_tokens(x, ref.dtype), dtype), decode_tokens(ref, scale, dtype)
     return torch.linalg.vector_norm((x - ref).reshape(*x.shape[:2], -1), dim=-1, dtype=dtype)
+
+
+def _rows(x: Tensor, channels: int) -> Tensor:
+    """x [B, N, *C] as rows [B*N, C] with unit-strided channels (what the Triton kernels index)."""
+    rows = x.reshape(-1, channels)
+    return rows if rows.stride(1) == 1 else rows.contiguous()
 
 
 SKETCH_DIM = 32  # channels neighbour matching ranks candidates on (evenly spaced; the full channels then confirm)
@@ -253,6 +260,28 @@ class TokenGate(StatefulOp):
             idx = torch.where(slot < counts.unsqueeze(1), ranking, first)
 
         scale = self._ref_scale
+        # under a threshold the staleness term is never read: no bookkeeping per frame for it
+        pending = distance.sum(1, keepdim=True) if self._missed is not None and count is not None else None
+        if scale is None and not any_empty and ref.dtype == x.dtype and triton_kernels.enabled(x):
+            rows = idx[0] if batch == 1 else flat_token_index(idx, num_tokens)
+            selected = triton_kernels.gate_take(_rows(x, channels), ref, rows, distance)
+        else:
+            selected = self._take(x, ref, idx, k_call, counts if any_empty else None)
+            kept = distance[:, 0].clone() if any_empty else None
+            distance.scatter_(1, idx, 0.0)
+            if any_empty:  # token 0 of an empty stream kept its old reference, and its distance
+                distance[:, 0] = torch.where(counts == 0, kept, distance[:, 0])
+        if pending is not None:  # the change written this frame (each selected token once), per token
+            self._missed.add_((pending - distance.sum(1, keepdim=True)) / num_tokens).scatter_(1, idx, 0.0)
+        self.overhead_macs = self._scoring_macs(batch, num_tokens, channels) + 2 * batch * k_call * channels
+        self.last_idx = idx
+        return idx, selected.view(batch, k_call, *x.shape[2:])
+
+    def _take(self, x: Tensor, ref: Tensor, idx: Tensor, k_call: int, counts: Tensor | None) -> Tensor:
+        """The selected tokens of x [B, k, *C], written into the reference (`counts`: given when a stream
+        selected none; its token 0 is then recomputed from the reference's data)."""
+        batch, num_tokens = x.shape[:2]
+        scale = self._ref_scale
         if batch == 1:  # one stream (never empty here): index the token axis directly
             selected = x[0].index_select(0, idx[0])
             data, data_scale = encode_tokens(selected[None], ref.dtype)
@@ -263,7 +292,7 @@ class TokenGate(StatefulOp):
             flat_idx = flat_token_index(idx, num_tokens)
             ref_flat = ref.view(batch * num_tokens, *ref.shape[2:])
             selected = x.reshape(batch * num_tokens, *x.shape[2:]).index_select(0, flat_idx)
-            if any_empty:
+            if counts is not None:
                 # an empty stream recomputes token 0 from what it was last computed from
                 empty = (counts == 0).repeat_interleave(k_call).view(-1, *[1] * (x.ndim - 2))
                 kept = decode_tokens(ref_flat.index_select(0, flat_idx)[None],
@@ -273,17 +302,7 @@ class TokenGate(StatefulOp):
             ref_flat.index_copy_(0, flat_idx, data[0])
             if scale is not None:
                 scale.view(-1).index_copy_(0, flat_idx, data_scale[0])
-        kept = distance[:, 0].clone() if any_empty else None
-        # under a threshold the staleness term is never read: no bookkeeping per frame for it
-        pending = distance.sum(1, keepdim=True) if self._missed is not None and count is not None else None
-        distance.scatter_(1, idx, 0.0)
-        if any_empty:  # token 0 of an empty stream kept its old reference, and its distance
-            distance[:, 0] = torch.where(counts == 0, kept, distance[:, 0])
-        if pending is not None:  # the change written this frame (each selected token once), per token
-            self._missed.add_((pending - distance.sum(1, keepdim=True)) / num_tokens).scatter_(1, idx, 0.0)
-        self.overhead_macs = self._scoring_macs(batch, num_tokens, channels) + 2 * batch * k_call * channels
-        self.last_idx = idx
-        return idx, selected.view(batch, k_call, *x.shape[2:])
+        return selected
 
     def _scoring_macs(self, batch: int, num_tokens: int, channels: int) -> int:
         """Scoring's work: distances; with neighbour reuse also the candidates' distances on the sketch
@@ -362,6 +381,10 @@ class TokenGate(StatefulOp):
         last, dtype = self._score, score_dtype(x.dtype, ref.dtype)
         if changed is None or last is None or last.shape != (batch, num_tokens):
             self._scored = num_tokens
+            if self._ref_scale is None and x.dtype == ref.dtype and dtype == torch.float32 \
+                    and triton_kernels.enabled(x):
+                channels = ref[0, 0].numel()
+                return triton_kernels.token_distance(_rows(x, channels), ref, batch)
             return _token_distances(x, ref, dtype, self._ref_scale)
         self._scored = changed.shape[1]
         if self._scored == 0:
