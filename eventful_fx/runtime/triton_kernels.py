@@ -27,8 +27,6 @@ except ImportError:  # the CPU wheels of torch come without it
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_C = 256  # channels a program reads per step (ViT-B's 768 in three)
-
-
 ENABLED = True  # False: gates run PyTorch's ops on every device (`benchmarks/bench_gpu.py` times both)
 
 
