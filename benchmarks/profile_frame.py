@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--plan", choices=("default", "uniform"), default="default",
                         help="default: calibrated on the built-in clip; uniform: every gate keeps the budget's share")
     parser.add_argument("--rounds", type=int, default=12, help="alternating rounds of the kernel-floor timing")
-    parser.add_argument("--out", default=None, help="JSON path (default: results/profile_<model>_<budget>.json)")
+    parser.add_argument("--out", default=None, help="JSON path (default: results/profile_<model>_<budget>[_uniform].json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -174,7 +174,8 @@ def main() -> None:
           f"kernel floor {fastest / floor['kernel floor']:.2f}x (the ceiling of this plan on these kernels); "
           f"the rest of the eventful frame: {1 - floor['kernel floor'] / floor['eventful']:.0%}; "
           f"floor calls: {dict(floor_calls)} and the patch embedding")
-    out = Path(args.out or Path(__file__).parent / "results" / f"profile_{args.model}_{args.budget}{'' if args.plan == 'default' else '_' + args.plan}.json")
+    suffix = "" if args.plan == "default" else f"_{args.plan}"
+    out = Path(args.out or Path(__file__).parent / "results" / f"profile_{args.model}_{args.budget}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "budget": args.budget, "plan": args.plan, "threads": args.threads,
                                "frames": args.frames, "cpu": platform.processor() or platform.machine(),
