@@ -383,8 +383,7 @@ class TokenGate(StatefulOp):
             self._scored = num_tokens
             if self._ref_scale is None and x.dtype == ref.dtype and dtype == torch.float32 \
                     and triton_kernels.enabled(x):
-                channels = ref[0, 0].numel()
-                return triton_kernels.token_distance(_rows(x, channels), ref, batch)
+                return triton_kernels.token_distance(_rows(x, ref.numel() // (batch * num_tokens)), ref, batch)
             return _token_distances(x, ref, dtype, self._ref_scale)
         self._scored = changed.shape[1]
         if self._scored == 0:
